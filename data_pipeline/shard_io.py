@@ -1,0 +1,223 @@
+"""WebDataset shards on disk: listing, opening, raw sample groups with faults, atomic writing.
+
+Uses webdataset for what it does well (brace expansion, `pipe:`/URL opening, tar member
+iteration, TarWriter). We group members into samples ourselves because webdataset's grouping
+raises on the first duplicate and cannot tell *which* key or reason a skipped sample had;
+every skip here is attributed to a key and a reason so that it can be counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+# Reasons a sample is skipped; each is counted separately (stage summaries, logs, tests).
+TRUNCATED_TAR = "truncated_tar"  # the shard ends inside a member (counted once per shard)
+UNREADABLE_SHARD = "unreadable_shard"  # the shard cannot be opened at all
+DUPLICATE_KEY = "duplicate_key"  # a key (or a member of a sample) seen before in this shard
+MISSING_IMAGE = "missing_image"
+EMPTY_IMAGE = "empty_image"  # zero-byte image member
+UNDECODABLE_IMAGE = "undecodable_image"
+MISSING_CAPTION = "missing_caption"
+EMPTY_CAPTION = "empty_caption"
+BAD_JSON = "bad_json"
+FAULT_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD, DUPLICATE_KEY, MISSING_IMAGE, EMPTY_IMAGE, UNDECODABLE_IMAGE,
+                 MISSING_CAPTION, EMPTY_CAPTION, BAD_JSON)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(RuntimeError):
+    """Bad data the run cannot continue with (strict mode, or too many skipped samples)."""
+
+
+class NoShardsError(ValueError):
+    """A shard specification matched nothing."""
+
+
+def list_shards(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard spec into shard URLs, in a stable order.
+
+    ``spec``: a directory (its ``*.tar`` files, sorted), a path or URL with braces
+    (``/data/{00000..00099}.tar``), ``pipe:`` commands (braces expanded as webdataset does),
+    several of these joined by ``::``, or a list of them.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        for url in expand_urls(item):
+            if "://" not in url and not url.startswith("pipe:") and Path(url).is_dir():
+                urls.extend(str(p) for p in sorted(Path(url).glob("*.tar")))
+            else:
+                urls.append(url)
+    if not urls:
+        raise NoShardsError(f"no shards found in {spec!r}")
+    missing = [u for u in urls if _is_local(u) and not Path(u).exists()]
+    if missing:
+        raise NoShardsError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def shard_name(url: str) -> str:
+    """A short, secret-free name for messages: the last path component (`00012.tar`)."""
+    if url.startswith("pipe:"):
+        return "pipe:" + (url.split()[-1].rsplit("/", 1)[-1] if url.split() else "")
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A readable binary stream: local files directly, everything else through webdataset's gopen."""
+    if _is_local(url):
+        return open(url, "rb")
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb")
+
+
+@dataclass
+class RawSample:
+    """One sample's members as bytes, by extension (``jpg``, ``txt``, ``json``, ``ssc.txt`` ...).
+
+    ``offset`` is the ordinal of this group in its shard (good or bad), the unit of resume
+    positions. ``fault`` is set when the group itself is unusable (duplicate key).
+    """
+
+    key: str
+    members: dict[str, bytes]
+    offset: int
+    fault: str | None = None
+
+
+def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None) -> Iterator[RawSample | str]:
+    """Group a tar stream's members into samples (consecutive members with the same key).
+
+    Yields RawSample for each group, then the string TRUNCATED_TAR if the tar ends early.
+    Groups whose key appeared earlier in the shard, or that hold the same member twice, come
+    with ``fault=DUPLICATE_KEY`` (the first occurrence is kept). ``seen_keys`` is filled in.
+    """
+    seen = set() if seen_keys is None else seen_keys
+    current: RawSample | None = None
+    offset = 0
+    try:
+        for member in tar_file_iterator(stream):
+            key, ext = base_plus_ext(member["fname"])
+            if key is None:
+                continue
+            ext = ext.lower()
+            if current is not None and key == current.key:
+                if ext in current.members:
+                    current.fault = DUPLICATE_KEY
+                current.members[ext] = member["data"]
+                continue
+            if current is not None:
+                yield current
+                offset += 1
+            current = RawSample(key, {ext: member["data"]}, offset, DUPLICATE_KEY if key in seen else None)
+            seen.add(key)
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        # A cut-off shard: the partial group at the cut is lost with the rest of the shard.
+        yield TRUNCATED_TAR
+        return
+    if current is not None:
+        yield current
+
+
+def image_member(members: dict[str, bytes]) -> str | None:
+    """The extension of the sample's image member, if any."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+
+
+def decode_text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def decode_json(data: bytes) -> dict[str, Any] | None:
+    """The sample's metadata dict, or None when it is not a JSON object."""
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def decode_image(data: bytes) -> Any:
+    """PIL RGB image, fully decoded (a truncated JPEG fails here, not later in a transform).
+
+    Raises ValueError with the decoder's reason when the bytes are not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+
+
+class AtomicShardWriter:
+    """Write one WebDataset shard under a temporary name; rename into place on `commit()`.
+
+    A reader (or a rerun) never sees a half-written shard: until commit the file is
+    ``.<name>.partial``; `commit()` fsyncs and renames atomically. ``mtime`` fixes the tar
+    member times so that the same samples give byte-identical shards.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mtime: float = 0.0) -> None:
+        from webdataset import TarWriter
+
+        self.path = Path(path)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.partial, "wb")
+        self._tar = TarWriter(self._file, mtime=mtime, encoder=False)
+        self.count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Add sample ``key`` with members {extension: bytes}."""
+        self._tar.write({"__key__": key, **members})
+        self.count += 1
+
+    def commit(self) -> Path:
+        self._tar.close()  # writes the tar trailer; the file object stays ours to close
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON under a temporary name, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,42 @@
+"""Per-sample image transforms that run in reader workers (picklable, deterministic per sample).
+
+Randomness comes only from ``sample["seed"]`` (see shard_reader), so a resumed or re-sharded
+run crops exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float32 (3, H, W) in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def random_square_crop(image: Image.Image, size: int, seed: int) -> Image.Image:
+    """Resize the short side to ``size`` (bicubic, keeps aspect) and crop a ``size`` square at a
+    position drawn from ``seed``."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    rng = np.random.default_rng(seed)
+    x, y = int(rng.integers(0, nw - size + 1)), int(rng.integers(0, nh - size + 1))
+    return image.crop((x, y, x + size, y + size))
+
+
+@dataclass(frozen=True)
+class SquareCrops:
+    """Reader transform: sample -> (3, size, size) tensor in [-1, 1] from a random square crop."""
+
+    size: int
+
+    def __call__(self, sample: dict[str, Any]) -> torch.Tensor:
+        return to_tensor(random_square_crop(sample["image"], self.size, sample["seed"]))

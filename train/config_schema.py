@@ -1,0 +1,293 @@
+"""The schema of a composed experiment config (conf/recap.yaml + groups + experiment).
+
+Every key in conf/ has a field here and every field is read by a stage or a model builder;
+`typed_config.build` rejects unknown keys, wrong types and inconsistent values with the key's
+full path and the fix. Below the entry points, code takes these dataclasses, never the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from data_pipeline.options import ReaderOptions, ToyDataOptions
+from train.typed_config import ConfigError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run lives: stage outputs go to ``<root>/<name>/<stage>``."""
+
+    name: str
+    root: str = "runs"
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Shards: a directory of .tar files, a brace pattern, a `pipe:` command or a URL."""
+
+    train: str
+    heldout: str
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+    toy: ToyDataOptions | None = None  # set when the data is the generated synthetic scenes
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then a constant or cosine schedule (per optimizer step)."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Process and precision setup (train/runtime.py).
+
+    kind: single (one process), ddp (torchrun; gloo on CPU, NCCL on GPU) or deepspeed (ZeRO
+    stage ``zero_stage`` through accelerate). precision ``auto`` is bf16 on GPU, fp32 on CPU.
+    """
+
+    kind: Literal["single", "ddp", "deepspeed"] = "single"
+    zero_stage: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    offload_optimizer: bool = False
+    timeout_s: int = 600
+
+    def validate(self) -> None:
+        if self.kind == "deepspeed" and self.zero_stage not in (1, 2, 3):
+            raise ConfigError("zero_stage", f"deepspeed needs zero_stage 1, 2 or 3, got {self.zero_stage}")
+        if self.kind != "deepspeed" and self.zero_stage != 0:
+            raise ConfigError("zero_stage", f"only runtime.kind=deepspeed uses ZeRO; set runtime=zero{self.zero_stage}")
+        if self.offload_optimizer and self.kind != "deepspeed":
+            raise ConfigError("offload_optimizer", "needs runtime.kind=deepspeed")
+        if self.timeout_s < 1:
+            raise ConfigError("timeout_s", f"must be >= 1, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "recap-diffusion"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    """Progress bars and metrics: JSONL always, wandb offline by default."""
+
+    progress: bool = True
+    log_every_steps: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        if self.log_every_steps < 1:
+            raise ConfigError("log_every_steps", f"must be >= 1, got {self.log_every_steps}")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """How `recap STAGE` starts its processes: here, or re-executed under torchrun."""
+
+    kind: Literal["local", "torchrun"] = "local"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = "127.0.0.1:29500"
+    rdzv_timeout_s: int = 300
+
+    def validate(self) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ConfigError("nproc_per_node", "nproc_per_node and nnodes must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError("node_rank", f"must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.kind == "local" and self.nproc_per_node * self.nnodes != 1:
+            raise ConfigError("kind", "launcher=local runs one process; use launcher=torchrun for more")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ConfigError("every_steps", "every_steps and keep_last must be >= 1")
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    """allow_config_change: resume although resume-relevant config changed.
+    fallback_to_previous: a corrupt newest checkpoint falls back to the one before it."""
+
+    allow_config_change: bool = False
+    fallback_to_previous: bool = False
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """An open_clip CoCa. ``architecture`` is an open_clip model config (embed_dim, vision_cfg,
+    text_cfg, multimodal_cfg) used instead of open_clip's built-in ``model_name`` config."""
+
+    model_name: str
+    architecture: dict[str, Any] | None = None
+    pretrained: str | None = None  # local open_clip checkpoint file; null = random init
+
+
+@dataclass(frozen=True)
+class T5Architecture:
+    """A T5 encoder built from scratch (toy runs): transformers.T5Config fields."""
+
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_heads: int
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Frozen T5 encoder: ``pretrained`` HF folder (production) or a tiny ``architecture``."""
+
+    max_tokens: int
+    pretrained: str | None = None
+    architecture: T5Architecture | None = None
+    tokenizer: str | None = None  # HF tokenizer folder; null = the pretrained folder
+
+    def validate(self) -> None:
+        if (self.pretrained is None) == (self.architecture is None):
+            raise ConfigError("pretrained", "set exactly one of text_encoder.pretrained or text_encoder.architecture")
+        if self.max_tokens < 1:
+            raise ConfigError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """diffusers AutoencoderKL with 8x downsampling: a ``pretrained`` local folder or an
+    architecture trained by `recap train-vae` (toy)."""
+
+    pretrained: str | None = None
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    scaling_factor: float | None = None  # null: the pretrained folder's, or estimated by train-vae
+
+    def validate(self) -> None:
+        if len(self.block_out_channels) != 4:
+            raise ConfigError("block_out_channels", "needs 4 levels (3 downsamples = 8x), got "
+                              f"{len(self.block_out_channels)}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ConfigError("norm_num_groups", f"must divide every block_out_channels {self.block_out_channels}")
+
+
+@dataclass(frozen=True)
+class UnetConfig:
+    """diffusers UNet2DConditionModel with scale-shift timestep norm (see models/unet.py)."""
+
+    block_out_channels: list[int]
+    attention_levels: list[bool]
+    layers_per_block: int
+    attention_head_dim: int
+    xf_layers: int
+    xf_width: int
+    xf_heads: int
+
+    def validate(self) -> None:
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ConfigError("attention_levels", "needs one entry per block_out_channels level")
+        if self.xf_width % self.xf_heads:
+            raise ConfigError("xf_heads", f"must divide xf_width={self.xf_width}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and objective (diffusers scheduler names)."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    num_train_timesteps: int = 1000
+    min_snr_gamma: float | None = None
+    cfg_dropout: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ConfigError("cfg_dropout", f"must be in [0, 1), got {self.cfg_dropout}")
+
+
+@dataclass(frozen=True)
+class TrainVaeConfig:
+    """`recap train-vae`: reconstruction + KL on random crops of the training images."""
+
+    steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    resolution: int
+    kl_weight: float = 1e-6
+    grad_clip: float | None = 1.0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if self.resolution % 8:
+            raise ConfigError("resolution", f"must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+        check_batch(self.global_batch_size, self.micro_batch_size)
+
+
+def check_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
+    """Gradient-accumulation steps for a global batch; ConfigError when it does not divide."""
+    if micro_batch < 1 or global_batch < 1:
+        raise ConfigError("global_batch_size", "global_batch_size and micro_batch_size must be >= 1")
+    per_step = world_size * micro_batch
+    if global_batch % per_step:
+        raise ConfigError(
+            "global_batch_size",
+            f"{global_batch} is not divisible by world_size ({world_size}) x micro_batch_size "
+            f"({micro_batch}) = {per_step}; set global_batch_size to a multiple of {per_step} "
+            "or change micro_batch_size",
+        )
+    return global_batch // per_step
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole composed config; each stage reads the sections it needs."""
+
+    run: RunConfig
+    seed: int
+    data: DataConfig
+    captioner: CaptionerConfig
+    text_encoder: TextEncoderConfig
+    vae: VaeConfig
+    unet: UnetConfig
+    diffusion: DiffusionConfig
+    runtime: RuntimeConfig
+    logger: LoggerConfig
+    launcher: LauncherConfig
+    checkpoint: CheckpointConfig
+    resume: ResumeConfig
+    train_vae: TrainVaeConfig

@@ -1,0 +1,38 @@
+"""`recap make-toy-data`: write the synthetic-scenes shards (train and held-out splits).
+
+Reads: data.train, data.heldout (output directories), data.toy (generation settings), logger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.toy_shards import write_toy_dataset
+from train.config_schema import ExperimentConfig
+from train.run_logging import finish_stage, setup_logging, write_config_snapshot
+from train.typed_config import ConfigError
+
+
+def _output_dir(spec: str, key: str) -> Path:
+    if "{" in spec or "://" in spec or spec.startswith("pipe:") or "::" in spec:
+        raise ConfigError(key, f"make-toy-data writes into a local directory, got {spec!r}")
+    return Path(spec)
+
+
+def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Generate every missing toy shard; print and return the summary."""
+    if cfg.data.toy is None:
+        raise ConfigError("data", "make-toy-data generates the synthetic scenes; choose data=toy (your own shards "
+                          "need no generation)")
+    log = setup_logging(run_dir, "make_toy_data")
+    write_config_snapshot(run_dir, cfg)
+    dirs = {"train": _output_dir(cfg.data.train, "data.train"), "heldout": _output_dir(cfg.data.heldout, "data.heldout")}
+    log.info("writing toy shards to %s and %s", dirs["train"], dirs["heldout"])
+    try:
+        summary = write_toy_dataset(dirs, cfg.data.toy, progress=cfg.logger.progress)
+    except ValueError as exc:
+        raise ConfigError("data.toy", str(exc)) from None
+    summary["train_dir"], summary["heldout_dir"] = str(dirs["train"]), str(dirs["heldout"])
+    finish_stage(run_dir, "make-toy-data", summary)
+    return summary

@@ -1,0 +1,234 @@
+"""Processes, devices and precision: one process, DDP under torchrun, or DeepSpeed ZeRO 1/2/3.
+
+This module (with train/checkpointing.py) is the only one that touches torch.distributed,
+accelerate or deepspeed. Stages get a `Runtime` and call `micro_step` / `optimizer_step`;
+models and data code never see a rank. accelerate sets up the process group and wraps the
+model (DDP, or a DeepSpeed engine built from our ZeRO config through its DeepSpeedPlugin).
+Gradient accumulation is explicit here rather than accelerate's `accumulate()` so that one
+optimizer step is always exactly ``grad_accum`` micro-batches and the LR schedule counts
+optimizer steps on every runtime (accelerate's scheduler wrapper would step once per process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.seeding import derive_seed
+from train.config_schema import RuntimeConfig
+from train.typed_config import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_single_process_env() -> None:
+    """DeepSpeed wants a process group even alone; give a lone process torchrun's variables."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())})
+
+
+def _skip_deepspeed_shm_kernel() -> None:
+    """Stop DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (~50 s of gcc per
+    fresh machine). That kernel only serves `inference_all_reduce` (inference tensor
+    parallelism); training collectives go through torch.distributed (gloo) either way."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def deepspeed_config(options: RuntimeConfig, *, micro_batch_size: int, grad_accum: int, grad_clip: float | None,
+                     bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config for a ZeRO stage; batch sizes come from the stage, not from a file."""
+    zero: dict[str, Any] = {"stage": options.zero_stage}
+    if options.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # lets full_state_dict() gather
+    if options.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # we pass torch's AdamW; no JIT-compiled op needed
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip:
+        config["gradient_clipping"] = grad_clip
+    return config
+
+
+@dataclass
+class Runtime:
+    """A started runtime. ``micro_step``/``optimizer_step`` make one training step."""
+
+    options: RuntimeConfig
+    accelerator: Any
+    grad_accum: int
+    grad_clip: float | None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def local_rank(self) -> int:
+        return self.accelerator.local_process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.options.kind == "deepspeed"
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.accelerator.mixed_precision == "bf16" else "fp32"
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """Wrap for the runtime: DDP, a DeepSpeed engine (its optimizer inside), or unchanged."""
+        return self.accelerator.prepare(model, optimizer)
+
+    def unwrap(self, model: Any) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def micro_step(self, model: Any, loss_fn: Callable[[Any], torch.Tensor], *, last: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch; ``last`` marks the final one of the step.
+
+        Returns the detached, unscaled loss. Under DDP gradients are only all-reduced on the
+        last micro-batch; DeepSpeed averages over its configured accumulation steps itself.
+        """
+        sync = contextlib.nullcontext() if last or self.world_size == 1 or self.is_deepspeed else model.no_sync()
+        with sync:
+            with self.accelerator.autocast():
+                loss = loss_fn(model)
+            if self.is_deepspeed:
+                model.backward(loss)
+                model.step()  # applies the update only at the accumulation boundary
+            else:
+                (loss / self.grad_accum).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self, model: Any, optimizer: Any, scheduler: Any) -> float | None:
+        """Clip, update, zero the gradients and advance the LR schedule; returns the grad norm."""
+        if self.is_deepspeed:
+            norm = model.get_global_grad_norm()
+        else:
+            params = [p for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if self.grad_clip else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return None if norm is None else float(norm)
+
+    def full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+        """The unsharded weights on every rank's CPU (collective under ZeRO-3)."""
+        state = self.accelerator.get_state_dict(model, unwrap=True)
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a tensor over ranks (identity on one process)."""
+        if self.world_size == 1:
+            return value
+        return self.accelerator.reduce(value.to(self.device), reduction="mean")
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        with self.accelerator.main_process_first():
+            yield
+
+    def close(self) -> None:
+        """Tear down the process group (a sweep runs several jobs in one process)."""
+        self.accelerator.end_training()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_runtime(options: RuntimeConfig, *, micro_batch_size: int, grad_accum: int,
+                  grad_clip: float | None) -> Runtime:
+    """Start processes and precision per ``options`` (call once per stage, before models)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn while probing for a GPU
+    if options.kind == "single" and world > 1:
+        raise ConfigError("runtime", f"runtime=single but {world} processes were started; use runtime=ddp or zero1/2/3")
+    cuda = torch.cuda.is_available() and options.device != "cpu"
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device", "cuda requested but no GPU is visible; use runtime.device=auto or cpu")
+    bf16 = options.precision == "bf16" or (options.precision == "auto" and cuda)
+    plugin = None
+    if options.kind == "deepspeed":
+        _ensure_single_process_env()
+        if not cuda:
+            _skip_deepspeed_shm_kernel()
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(
+            options, micro_batch_size=micro_batch_size, grad_accum=grad_accum, grad_clip=grad_clip, bf16=bf16))
+    handlers = []
+    if world > 1 or plugin is not None:  # an explicit backend makes accelerate start a process group
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
+                                               timeout=timedelta(seconds=options.timeout_s)))
+    # accelerate ignores a DeepSpeed plugin when cpu=True; without a GPU it picks the CPU anyway.
+    accelerator = Accelerator(cpu=not cuda and plugin is None, mixed_precision="bf16" if bf16 else "no",
+                              deepspeed_plugin=plugin, kwargs_handlers=handlers)
+    return Runtime(options=options, accelerator=accelerator, grad_accum=grad_accum, grad_clip=grad_clip)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (all devices) from (seed, rank)."""
+    s = derive_seed(seed, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
