@@ -12,14 +12,15 @@ DEMO_ARGS ?=
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
 
+# The embedded default: generate the synthetic-scenes shards and print their summary.
+# (Later stages join the demo as they land; see docs/pipeline.md.)
 demo: $(STAMP)
-	$(BIN)/recap demo $(DEMO_ARGS)
+	$(BIN)/recap make-toy-data $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_pipeline import shard_io
-from data_pipeline.ground_truth import GroundTruthAccess, allowed_members, filter_metadata, is_curated
+from data_pipeline.ground_truth import (
+    GroundTruthAccess, allowed_members, filter_metadata, is_curated, is_ground_truth_member,
+)
 
 NOT_CURATED = "not_curated"  # a filter, not a fault: the sample may not be read by this stage
 JSON_PREFIX = "json."
@@ -30,7 +32,9 @@ class SampleSpec:
     optional_texts: tuple[str, ...] = ()
 
     def needs_curated(self) -> bool:
-        return any(s.startswith(JSON_PREFIX + "gt_") for s in self.captions)
+        """Whether a required caption is ground truth (a ``json.gt_*`` field or a ``gt_*`` member),
+        which CURATED_CAPTIONS may read on curated samples only."""
+        return any(s.startswith(JSON_PREFIX + "gt_") or is_ground_truth_member(s) for s in self.captions)
 
 
 def _text(source: str, members: dict[str, bytes], meta: dict[str, Any]) -> str | None:

@@ -1,9 +1,10 @@
 """WebDataset shards on disk: listing, opening, raw sample groups with faults, atomic writing.
 
-Uses webdataset for what it does well (brace expansion, `pipe:`/URL opening, tar member
-iteration, TarWriter). We group members into samples ourselves because webdataset's grouping
-raises on the first duplicate and cannot tell *which* key or reason a skipped sample had;
-every skip here is attributed to a key and a reason so that it can be counted.
+Uses webdataset for what it does well (brace expansion, `pipe:`/URL opening, TarWriter). We
+iterate tar members and group them into samples ourselves: webdataset's grouping raises on the
+first duplicate and cannot tell *which* key or reason a skipped sample had, and tarfile's
+stream mode takes a shard cut at (or inside) a member header for a normal end of archive.
+Every skip here is attributed to a key and a reason so that it can be counted.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 # Reasons a sample is skipped; each is counted separately (stage summaries, logs, tests).
 TRUNCATED_TAR = "truncated_tar"  # the shard ends inside a member (counted once per shard)
@@ -54,15 +56,21 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for item in specs:
         for url in expand_urls(item):
-            if "://" not in url and not url.startswith("pipe:") and Path(url).is_dir():
-                urls.extend(str(p) for p in sorted(Path(url).glob("*.tar")))
+            if _is_local(url) and Path(url).is_dir():
+                found = [str(p) for p in sorted(Path(url).glob("*.tar")) if p.is_file()]
+                if not found:
+                    raise NoShardsError(f"shard directory {url} has no .tar files")
+                urls.extend(found)
             else:
                 urls.append(url)
     if not urls:
         raise NoShardsError(f"no shards found in {spec!r}")
     missing = [u for u in urls if _is_local(u) and not Path(u).exists()]
     if missing:
-        raise NoShardsError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}")
+        first = missing[0]
+        if len(urls) == 1 and not Path(first).suffix:  # meant as a directory of shards
+            raise NoShardsError(f"shard directory {first} does not exist")
+        raise NoShardsError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {first}")
     return urls
 
 
@@ -71,10 +79,13 @@ def _is_local(url: str) -> bool:
 
 
 def shard_name(url: str) -> str:
-    """A short, secret-free name for messages: the last path component (`00012.tar`)."""
+    """A short, secret-free name for messages: the last path component (`00012.tar`), without a
+    query string; for a ``pipe:`` command, that of its last argument naming a ``.tar``."""
     if url.startswith("pipe:"):
-        return "pipe:" + (url.split()[-1].rsplit("/", 1)[-1] if url.split() else "")
-    return url.rstrip("/").rsplit("/", 1)[-1]
+        tokens = [t.strip("'\"") for t in url[len("pipe:"):].split()]
+        path = next((t for t in reversed(tokens) if ".tar" in t), tokens[-1] if tokens else "")
+        return "pipe:" + (shard_name(path) if path else "")
+    return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -111,20 +122,23 @@ def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None) -> It
     current: RawSample | None = None
     offset = 0
     try:
-        for member in tar_file_iterator(stream):
-            key, ext = base_plus_ext(member["fname"])
+        for fname, data in _tar_members(stream):
+            key, ext = base_plus_ext(fname)
             if key is None:
                 continue
             ext = ext.lower()
             if current is not None and key == current.key:
                 if ext in current.members:
                     current.fault = DUPLICATE_KEY
-                current.members[ext] = member["data"]
+                current.members[ext] = data
                 continue
             if current is not None:
-                yield current
+                yield current  # complete: a member of another sample follows it
                 offset += 1
-            current = RawSample(key, {ext: member["data"]}, offset, DUPLICATE_KEY if key in seen else None)
+            if data is None:  # this member's data is cut off; _tar_members raises next
+                current = None
+                continue
+            current = RawSample(key, {ext: data}, offset, DUPLICATE_KEY if key in seen else None)
             seen.add(key)
     except (tarfile.TarError, EOFError, OSError, ValueError):
         # A cut-off shard: the partial group at the cut is lost with the rest of the shard.
@@ -132,6 +146,47 @@ def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None) -> It
         return
     if current is not None:
         yield current
+
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped meta members (__index__ ...)
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A tar header that refuses to be the end of the archive unless it is the zero block.
+
+    tarfile's stream mode ends the member list silently when a header after the first member
+    is missing, cut short or corrupt, so a shard cut at a member boundary or inside a header
+    would read as complete (its last, partial sample included). Only the all-zero
+    end-of-archive block ends a shard here; anything else is a read error.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(f"{exc} at byte {tarfile_.offset}") from None
+
+
+def _tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data) of the regular members of a tar stream, in order (like webdataset's
+    tar_file_iterator); raises tarfile.ReadError (or OSError) when the stream ends early.
+
+    A member whose header was read but whose data is cut off comes as (name, None) just before
+    the error: its name tells that the sample before it was complete.
+    """
+    tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo)
+    for info in tar:
+        if info.isreg() and not _META_MEMBER.match(info.name):
+            try:
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+            except (tarfile.TarError, EOFError, OSError, ValueError):
+                yield info.name, None
+                raise
+            yield info.name, data
+        tar.members = []  # a shard can hold many members; keep none
 
 
 def image_member(members: dict[str, bytes]) -> str | None:
@@ -171,11 +226,11 @@ class AtomicShardWriter:
     """Write one WebDataset shard under a temporary name; rename into place on `commit()`.
 
     A reader (or a rerun) never sees a half-written shard: until commit the file is
-    ``.<name>.partial``; `commit()` fsyncs and renames atomically. ``mtime`` fixes the tar
+    ``.<name>.partial``; `commit()` fsyncs and renames atomically. ``mtime`` (an int: a float costs a pax header per member) fixes the tar
     member times so that the same samples give byte-identical shards.
     """
 
-    def __init__(self, path: str | os.PathLike[str], mtime: float = 0.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], mtime: int = 0) -> None:
         from webdataset import TarWriter
 
         self.path = Path(path)
@@ -200,8 +255,15 @@ class AtomicShardWriter:
         return self.path
 
     def abort(self) -> None:
-        self._file.close()
-        self.partial.unlink(missing_ok=True)
+        try:
+            # Flush tarfile's buffer now: left for garbage collection it would be written into
+            # the closed file (an "Exception ignored" ValueError).
+            self._tar.close()
+        except (OSError, ValueError, tarfile.TarError):
+            pass
+        finally:
+            self._file.close()
+            self.partial.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:

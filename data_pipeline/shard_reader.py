@@ -44,6 +44,7 @@ class _Cursor:
 
     def __init__(self, url: str, epoch: int, index: int, shard_id: int, offset: int) -> None:
         self.epoch, self.index, self.shard_id, self.offset = epoch, index, shard_id, 0
+        self.whole, self.used = offset == 0, False  # read from its start / yielded a sample
         self.name = shard_io.shard_name(url)
         self._stream = shard_io.open_shard(url)
         self._groups = shard_io.iter_raw_samples(self._stream)
@@ -60,7 +61,13 @@ class _Cursor:
 
     def close(self) -> None:
         self._groups.close()
-        self._stream.close()
+        try:
+            self._stream.close()
+        except OSError:
+            # A `pipe:` shard reports its command's exit status on close. A failed command
+            # already ended the read (counted as a fault); after a complete read, or when the
+            # stream stops early (SIGPIPE), the status says nothing about the samples read.
+            pass
 
 
 class _Stream:
@@ -68,6 +75,11 @@ class _Stream:
 
     def __init__(self, reader: ShardStreams, stream_id: int, state: dict[str, Any]) -> None:
         self.r, self.stream_id, self.state = reader, stream_id, state
+        # Shards read whole (or not openable) since this stream last yielded a sample; once that is
+        # every shard the stream can get, an endless reader would spin forever without yielding.
+        self.barren: set[int] = set()
+        n = len(reader.urls)
+        self.reachable = set(range(n)) if reader.options.shuffle else set(reader.stream_shards(stream_id, 0))
         self.cursors = [self._open(*pos) for pos in state["open"]]
 
     def _open(self, epoch: int, index: int, offset: int) -> _Cursor | None:
@@ -76,7 +88,19 @@ class _Stream:
             return _Cursor(self.r.urls[shard_id], epoch, index, shard_id, offset)
         except OSError as exc:
             self._fault(shard_io.UNREADABLE_SHARD, shard_io.shard_name(self.r.urls[shard_id]), "", str(exc))
+            self._no_samples(shard_id)
             return None
+
+    def _no_samples(self, shard_id: int) -> None:
+        """Note that ``shard_id`` gave nothing; raise once none of the stream's shards can."""
+        self.barren.add(shard_id)
+        if self.r.epochs is None and self.barren >= self.reachable:
+            skipped = {**self.state["faults"], **self.state["filtered"]}
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+            raise shard_io.DataError(
+                f"none of the {len(self.reachable)} shards of reader stream {self.stream_id} has a sample this stage "
+                f"can read ({counts or 'all empty'}), e.g. {'; '.join(self.state['examples']) or '-'}"
+            )
 
     def _fault(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         table = "filtered" if reason == "not_curated" else "faults"
@@ -119,6 +143,8 @@ class _Stream:
                     self._fault(shard_io.TRUNCATED_TAR, cursor.name, f"after {cursor.offset} samples")
                 cursor.close()
                 self.cursors.remove(cursor)
+                if cursor.whole and not cursor.used:
+                    self._no_samples(cursor.shard_id)
                 continue
             sample = decode_sample(raw, self.r.spec)
             self._sync_open()
@@ -126,13 +152,16 @@ class _Stream:
                 self._fault(sample, cursor.name, raw.key)
                 continue
             st["emitted"] += 1
+            cursor.used = True
+            self.barren.clear()
             sample["__shard__"] = cursor.shard_id
             sample["seed"] = derive_seed(self.r.seed, cursor.epoch, cursor.shard_id, raw.offset)
             yield sample
 
     def close(self) -> None:
         for c in self.cursors:
-            c.close()
+            if c:  # None: a shard that could not be opened, left by an interrupted _refill
+                c.close()
 
 
 class ShardStreams(IterableDataset):
@@ -177,6 +206,8 @@ class ShardStreams(IterableDataset):
                     batch = []
             if batch and not self.drop_last:
                 yield self.collate(batch), meta()
+            elif batch:
+                state["emitted"] -= len(batch)  # dropped, never delivered
         except shard_io.DataError as exc:
             yield None, {**meta(), "error": str(exc)}
             return
@@ -185,14 +216,21 @@ class ShardStreams(IterableDataset):
         yield None, meta()  # end of a finite stream: carries its final fault counts
 
 
+def _as_is(item: Any) -> Any:
+    """The DataLoader's per-item hook: without it (batch_size=None) DataLoader applies
+    default_convert, turning the stage's tuples into lists and numpy arrays into tensors."""
+    return item
+
+
 def _seed_worker(worker_id: int) -> None:
-    info = get_worker_info()
-    ds: ShardStreams = info.dataset
-    seed = derive_seed(ds.seed, ds.rank, worker_id)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    """Seed a worker's global generators from (seed, rank, logical worker): the same worker
+    stream gets the same seeds after a resume rotates the physical workers."""
     import random
 
+    ds: ShardStreams = get_worker_info().dataset
+    seed = derive_seed(ds.seed, ds.rank, (worker_id + ds.rotation) % ds.workers)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
     random.seed(seed)
 
 
@@ -231,7 +269,8 @@ class ShardReader:
     def __iter__(self) -> Iterator[Any]:
         ds, workers = self.dataset, self.options.num_workers
         ds.start_states, ds.rotation = copy.deepcopy(self._positions), self._next_worker
-        loader = DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=_seed_worker,
+        loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                            worker_init_fn=_seed_worker,
                             prefetch_factor=self.options.prefetch_factor if workers else None,
                             generator=torch.Generator().manual_seed(ds.seed))  # never draws from the global RNG
         for batch, meta in loader:

@@ -35,7 +35,7 @@ DATASET_MARKER = "_toy_dataset.json"
 
 def compute_key(index: int, shard_id: int, samples_per_shard: int) -> str:
     """img2dataset's key: shard_id * 10**oom + index, zero-padded to OOM_SHARD_COUNT + oom digits."""
-    oom = max(1, math.ceil(math.log10(samples_per_shard)))
+    oom = math.ceil(math.log10(samples_per_shard))  # img2dataset's oom_sample_per_shard (0 for 1)
     return f"{shard_id * 10**oom + index:0{OOM_SHARD_COUNT + oom}d}"
 
 
@@ -158,5 +158,7 @@ def _map(jobs: list[_ShardJob], processes: int) -> Iterator[dict[str, Any]]:
     if processes == 1 or len(jobs) <= 1:
         yield from map(_write_shard, jobs)
         return
-    with get_context("spawn").Pool(min(processes, len(jobs))) as pool:
+    # fork: workers inherit the imported modules (spawn would re-import webdataset and with it
+    # torch, ~3 s per worker). Safe here: the parent has not started torch's thread pools.
+    with get_context("fork").Pool(min(processes, len(jobs))) as pool:
         yield from pool.imap(_write_shard, jobs)

@@ -9,10 +9,12 @@ naming the key and the valid choices. Exit codes: 0 done, 1 crash, 2 usage/confi
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from train.typed_config import ConfigError, did_you_mean
 
@@ -24,15 +26,19 @@ EXIT_DATA = 3
 class Stage:
     module: str  # imported lazily: `recap --help` stays fast
     summary: str
+    batch_section: str | None = None  # config section with global/micro batch sizes, checked before launch
 
 
 # The stage table is the CLI's dispatch, nothing more: each module has `run(cfg, run_dir)`.
 STAGES: dict[str, Stage] = {
     "make-toy-data": Stage("train.make_toy_data", "Generate the synthetic-scenes shards (img2dataset layout) with ground truth."),
-    "train-vae": Stage("train.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder."),
+    "train-vae": Stage("train.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder.",
+                       batch_section="train_vae"),
 }
 _FLAGS_WITH_VALUE = {"--cfg", "-c"}
-_FLAGS = {"-m", "--multirun", "--resolve"} | _FLAGS_WITH_VALUE
+_CFG_VALUES = ("job", "hydra", "all")
+_MULTIRUN_FLAGS = {"-m", "--multirun"}
+_FLAGS = _MULTIRUN_FLAGS | {"--resolve"} | _FLAGS_WITH_VALUE
 
 
 def _print_help() -> None:
@@ -46,13 +52,15 @@ def _print_help() -> None:
 
 
 def _print_stage_help(name: str) -> None:
-    from train.config_loading import config_groups, conf_dir
+    from train.config_loading import GROUP_PACKAGES, config_groups, conf_dir
 
     print(f"usage: recap {name} [key=value ...] [group=option ...] [-m] [--cfg job]\n")
     print(f"{STAGES[name].summary}\n")
     print(f"Config groups (group=option), from {conf_dir()}:")
-    for group, options in config_groups().items():
-        print(f"  {group:<13} {', '.join(options)}")
+    groups = {f"{g}@{GROUP_PACKAGES[g]}" if g in GROUP_PACKAGES else g: opts for g, opts in config_groups().items()}
+    width = max(13, *(len(g) for g in groups))
+    for group, options in groups.items():
+        print(f"  {group:<{width}} {', '.join(options)}")
     print("\nExamples:")
     print(f"  recap {name} experiment=toy seed=1")
     print(f"  recap {name} -m seed=1,2,3          # one run per value (Hydra multirun)")
@@ -70,8 +78,8 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
                 raise ConfigError("", f"unknown option '{arg}'; options: -m/--multirun, --cfg job|hydra|all, --resolve")
             flags.append(arg)
             if arg in _FLAGS_WITH_VALUE:
-                if i + 1 >= len(args):
-                    raise ConfigError("", f"{arg} needs a value (job, hydra or all)")
+                if i + 1 >= len(args) or args[i + 1] not in _CFG_VALUES:
+                    raise ConfigError("", f"{arg} needs a value: job, hydra or all")
                 flags.append(args[i + 1])
                 i += 1
         else:
@@ -80,27 +88,92 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, flags
 
 
+def _check_batch_for_world(stage: Stage, experiment: Any) -> None:
+    """The global batch must split evenly over the processes this launch will start."""
+    if stage.batch_section is None:
+        return
+    from launch.torchrun import inside_torchrun
+    from train.config_schema import check_batch
+
+    if inside_torchrun():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    elif experiment.launcher.kind == "torchrun":
+        world = experiment.launcher.nproc_per_node * experiment.launcher.nnodes
+    else:
+        world = 1
+    section = getattr(experiment, stage.batch_section)
+    try:
+        check_batch(section.global_batch_size, section.micro_batch_size, world)
+    except ConfigError as exc:
+        raise exc.under(stage.batch_section) from None
+
+
 def _fail(stage: str, message: str, code: int) -> int:
     from train.redaction import redact_text
 
-    print(f"recap {stage}: error: {redact_text(message)}", file=sys.stderr)
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"recap {stage}: error: {redact_text(one_line)}", file=sys.stderr)
     return code
 
 
-def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> None:
+def _redact_multirun_yaml() -> None:
+    """Hydra writes the raw overrides of a sweep to <sweep dir>/multirun.yaml before the first
+    job starts; mask any secret in it (a password in a shard URL, a token) in place."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from train.redaction import redact_text
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    path = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if not path.is_file():
+        return
+    text = path.read_text()
+    redacted = redact_text(text)
+    if redacted != text:  # atomically: under torchrun every rank of the job gets here
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(redacted)
+        os.replace(tmp, path)
+
+
+def _run_point(name: str, output_dir: str) -> int:
+    """Run one sweep point as its own `recap` process (exit code returned).
+
+    Each point gets a fresh interpreter: its own launcher (torchrun when configured), process
+    group, DeepSpeed engine and memory, and a failure that cannot take the others down.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    quoted_dir = output_dir.replace("\\", "\\\\").replace("'", "\\'")
+    return subprocess.call([sys.executable, "-m", "train.cli", name, *overrides, f"hydra.run.dir='{quoted_dir}'"])
+
+
+def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from data_pipeline.shard_io import DataError
     from train.checkpoint_files import CheckpointError
     from train.config_loading import PRIMARY_CONFIG, conf_dir, experiment_from_omegaconf
 
-    module = importlib.import_module(STAGES[name].module)
+    failures: list[tuple[int, int]] = []  # (job number, exit code) of failed sweep points
 
-    def task(cfg) -> None:  # one Hydra job (one point of a sweep)
+    def task(cfg) -> None:  # one Hydra job: the run itself, or one point of a sweep
+        hydra_cfg = HydraConfig.get()
+        output_dir = hydra_cfg.runtime.output_dir
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            _redact_multirun_yaml()
+            code = _run_point(name, output_dir)
+            if code:
+                failures.append((hydra_cfg.job.num, code))
+            return
         try:
             experiment = experiment_from_omegaconf(cfg)
-            module.run(experiment, Path(HydraConfig.get().runtime.output_dir))
+            importlib.import_module(STAGES[name].module).run(experiment, Path(output_dir))
         except ConfigError as exc:
             sys.exit(_fail(name, str(exc), EXIT_USAGE))
         except (DataError, CheckpointError) as exc:
@@ -109,6 +182,10 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> None:
     job_name = name.replace("-", "_")
     sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={job_name}"]
     hydra.main(config_path=str(conf_dir()), config_name=PRIMARY_CONFIG, version_base="1.3")(task)()
+    if failures:
+        points = ", ".join(f"#{num} (exit {code})" for num, code in failures)
+        return _fail(name, f"{len(failures)} sweep point(s) failed: {points}; see their messages above", failures[0][1])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,22 +203,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         overrides, flags = _split_args(rest)
-        from train.config_loading import check_overrides
+        from train.config_loading import check_overrides, sweep_keys
 
-        launcher = check_overrides(overrides).launcher
+        swept = sweep_keys(overrides)
+        if swept and not _MULTIRUN_FLAGS & set(flags):
+            raise ConfigError(swept[0], "has several values (a sweep): add -m to run one job per value; for a "
+                              "single value that contains commas quote it (key='a,b'), for a list use key=[a,b]")
+        experiment = check_overrides(overrides)
+        launcher = experiment.launcher
+        _check_batch_for_world(STAGES[name], experiment)
     except ConfigError as exc:
         return _fail(name, str(exc), EXIT_USAGE)
 
     from launch.torchrun import inside_torchrun, torchrun_command
 
-    if launcher.kind == "torchrun" and not inside_torchrun():
+    multirun = bool(_MULTIRUN_FLAGS & set(flags))
+    if launcher.kind == "torchrun" and not inside_torchrun() and not multirun:  # sweeps launch per point
         cmd = torchrun_command(
             args, nproc_per_node=launcher.nproc_per_node, nnodes=launcher.nnodes, node_rank=launcher.node_rank,
             rdzv_endpoint=launcher.rdzv_endpoint, rdzv_timeout_s=launcher.rdzv_timeout_s,
         )
         return subprocess.call(cmd)
-    _run_hydra(name, overrides, flags)
-    return 0
+    return _run_hydra(name, overrides, flags)
 
 
 if __name__ == "__main__":  # torchrun runs `python -m train.cli STAGE ...` in each process

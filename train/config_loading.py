@@ -19,6 +19,8 @@ from train.config_schema import ExperimentConfig
 from train.typed_config import ConfigError, build, did_you_mean
 
 PRIMARY_CONFIG = "recap"
+# Groups placed under another package in conf/recap.yaml's defaults: chosen as group@package=option.
+GROUP_PACKAGES = {"optimizer": "train_vae.optimizer"}
 MAX_SWEEP_CHECKS = 64
 
 
@@ -71,9 +73,17 @@ def _parse(overrides: Sequence[str]) -> list[Any]:
     parsed = []
     for line in overrides:
         try:
-            parsed.extend(OverridesParser.create().parse_overrides([line]))
+            overrides_here = OverridesParser.create().parse_overrides([line])
         except OverrideParseException as exc:
-            raise ConfigError("", f"cannot parse override '{line}': {exc}. Use key=value") from None
+            # Hydra's message is several lines (echo of the line, the grammar error, a doc link).
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = "; ".join(ln for ln in lines[1:] if not ln.startswith("See https://"))
+            detail = detail or (lines[0] if lines else type(exc).__name__)
+            raise ConfigError("", f"cannot parse override '{line}': {detail}; use key=value") from None
+        for o in overrides_here:
+            if not o.key_or_group:
+                raise ConfigError("", f"cannot parse override '{line}': the key is missing; use key=value")
+        parsed.extend(overrides_here)
     return parsed
 
 
@@ -83,14 +93,16 @@ def _values(override: Any) -> list[str]:
             raise ConfigError(override.key_or_group, "only list and range sweeps can be checked (a,b,c or range(...))")
         return list(override.sweep_string_iterator())
     value = override.value()
-    return [value if isinstance(value, str) else str(value)]
+    return [value if isinstance(value, str) else "null" if value is None else str(value)]
 
 
 def _check_group(override: Any, groups: dict[str, list[str]]) -> None:
     group = override.key_or_group
-    if override.package is None and group == "optimizer":
-        raise ConfigError("optimizer", "the optimizer belongs to a stage: use optimizer@train_vae.optimizer=<option>, "
-                          f"options: {', '.join(groups['optimizer'])}, or set fields like train_vae.optimizer.lr=1e-4")
+    package = GROUP_PACKAGES.get(group)
+    if package is not None and override.package != package:
+        where = f"'{group}@{override.package}' is not a place for it; " if override.package is not None else ""
+        raise ConfigError(group, f"{where}the {group} belongs to a stage: use {group}@{package}=<option>, "
+                          f"options: {', '.join(groups[group])}, or set fields like {package}.lr=1e-4")
     if override.is_delete():
         raise ConfigError(group, "a config group cannot be removed; choose one of its options instead")
     for value in _values(override):
@@ -120,6 +132,11 @@ def _check_key(cfg: DictConfig, override: Any, groups: dict[str, list[str]]) -> 
         node = node._get_node(part)
 
 
+def sweep_keys(overrides: Sequence[str]) -> list[str]:
+    """Keys of the overrides that are sweeps (a,b / range(...)): they need -m (multirun)."""
+    return [o.key_or_group for o in _parse(overrides) if not o.is_hydra_override() and o.is_sweep_override()]
+
+
 def check_overrides(overrides: Sequence[str]) -> ExperimentConfig:
     """Validate overrides (including every value of a -m sweep) before any work starts.
 
@@ -137,7 +154,9 @@ def check_overrides(overrides: Sequence[str]) -> ExperimentConfig:
             _check_group(o, groups)
     # One composition per swept value (others at their first value) checks every point cheaply.
     firsts = [(o, _values(o)) for o in user]
-    base = [f"{o.get_key_element()}={vals[0]}" if not o.is_delete() else o.input_line for o, vals in firsts]
+    # A single value keeps the user's own spelling: re-rendering the parsed value would turn
+    # null into the string 'None' and re-split quoted strings that contain commas.
+    base = [f"{o.get_key_element()}={vals[0]}" if o.is_sweep_override() else o.input_line for o, vals in firsts]
     points = [base]
     for i, (o, vals) in enumerate(firsts):
         for v in vals[1:]:
@@ -158,5 +177,5 @@ def _compose_or_explain(lines: list[str]) -> DictConfig:
         return compose(lines)
     except HydraException as exc:
         # Whatever the pre-checks above did not anticipate: still one line, no traceback.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError("", first) from None
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ConfigError("", text or type(exc).__name__) from None

@@ -291,3 +291,13 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig
     resume: ResumeConfig
     train_vae: TrainVaeConfig
+
+    def validate(self) -> None:
+        # Caught here, before `recap` starts torchrun, rather than in every worker (train/runtime.py).
+        world = self.launcher.nproc_per_node * self.launcher.nnodes
+        if self.runtime.kind == "single" and world > 1:
+            raise ConfigError(
+                "runtime",
+                f"runtime=single runs one process but the launcher starts {world} (launcher.nproc_per_node x "
+                "launcher.nnodes); use runtime=ddp or zero1/2/3, or launcher=local",
+            )

@@ -35,4 +35,22 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError("data.toy", str(exc)) from None
     summary["train_dir"], summary["heldout_dir"] = str(dirs["train"]), str(dirs["heldout"])
     finish_stage(run_dir, "make-toy-data", summary)
+    log.info(describe(summary, dirs))
     return summary
+
+
+def describe(summary: dict[str, Any], dirs: dict[str, Path]) -> str:
+    """A human-readable account of what was written (counts per split, in this run)."""
+    lines = [f"wrote {summary['samples_written']} samples in {summary['shards_written']} shards "
+             f"({summary['shards_skipped']} already complete) at {summary['samples_per_s']} samples/s"]
+    for split, c in summary["splits"].items():
+        n = c.get("samples", 0)
+        if not n:
+            continue
+        pct = lambda k: f"{c.get(k, 0)} ({100 * c.get(k, 0) / n:.1f}%)"  # noqa: E731
+        objects = "/".join(str(c.get(f"objects_{k}", 0)) for k in range(1, 5))
+        aspects = ", ".join(f"{k.removeprefix('aspect_')} {v}" for k, v in sorted(c.items()) if k.startswith("aspect_"))
+        lines.append(f"  {split} -> {dirs[split]}: {n} samples; curated {pct('curated')}; written word "
+                     f"{pct('with_text')}; empty alt-text {pct('empty_alt_text')}; 1/2/3/4 objects {objects}; "
+                     f"aspect {aspects}")
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ signature, ...), and the values of credential environment variables (WANDB_API_K
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -19,7 +20,8 @@ _SECRET_NAME = re.compile(
     r"signature|credentials?|auth)($|[_.-])",
     re.IGNORECASE,
 )
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+# Also matches Hydra's escaped spelling of overrides (https\://user\:pw@host).
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*\\?://)(?P<user>[^:/@\s\\]*)(?P<sep>\\?:)(?P<pw>[^@/\s]+)@")
 _QUERY_SECRET = re.compile(r"(?P<name>[?&;][^=&\s]*(?:token|key|secret|signature|password|sig)[^=&\s]*=)(?P<value>[^&\s'\"]+)",
                            re.IGNORECASE)
 _MIN_ENV_SECRET = 6  # shorter values would mask ordinary words
@@ -32,7 +34,7 @@ def _env_secrets() -> list[str]:
 
 def redact_text(text: str) -> str:
     """Mask URL passwords, credential query parameters and credential env-var values."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}{m['sep']}{MASK}@", text)
     text = _QUERY_SECRET.sub(lambda m: f"{m['name']}{MASK}", text)
     for secret in _env_secrets():
         text = text.replace(secret, MASK)
@@ -53,3 +55,11 @@ def redact_tree(tree: Any) -> Any:
     if isinstance(tree, str):
         return redact_text(tree)
     return tree
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks secrets in the formatted message (used for Hydra's logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact_text(record.getMessage()), None
+        return True

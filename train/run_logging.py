@@ -95,11 +95,17 @@ class MetricsLogger:
         if cfg.wandb.mode != "disabled":
             import wandb
 
-            self._wandb = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, dir=str(run_dir),
-                name=f"{run_name}/{stage}", group=run_name, job_type=stage, tags=list(cfg.wandb.tags),
-                config=config, resume="allow", id=_wandb_id(run_dir), settings=wandb.Settings(silent=True),
-            )
+            # wandb records the command line (sys.argv) in the run's metadata; overrides may
+            # carry secrets (a URL with a password), so it sees a redacted copy.
+            argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
+            try:
+                self._wandb = wandb.init(
+                    project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, dir=str(run_dir),
+                    name=f"{run_name}/{stage}", group=run_name, job_type=stage, tags=list(cfg.wandb.tags),
+                    config=config, resume="allow", id=_wandb_id(run_dir), settings=wandb.Settings(silent=True),
+                )
+            finally:
+                sys.argv = argv
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -16,7 +16,7 @@ import os
 import random
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -34,12 +34,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ensure_single_process_env() -> None:
-    """DeepSpeed wants a process group even alone; give a lone process torchrun's variables."""
+def _ensure_single_process_env() -> list[str]:
+    """DeepSpeed wants a process group even alone; give a lone process torchrun's variables.
+    Returns the names it set (removed again by Runtime.close)."""
     if "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(_free_port())})
+        return []
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    os.environ.update(env)
+    return list(env)
 
 
 def _skip_deepspeed_shm_kernel() -> None:
@@ -81,6 +83,7 @@ class Runtime:
     accelerator: Any
     grad_accum: int
     grad_clip: float | None
+    env_set: list[str] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -186,12 +189,20 @@ class Runtime:
             yield
 
     def close(self) -> None:
-        """Tear down the process group (a sweep runs several jobs in one process)."""
-        self.accelerator.end_training()
+        """Tear down the process group and accelerate's process-wide state, so that the next
+        job of a sweep (same process) can start a runtime of another kind."""
         import torch.distributed as dist
+        from accelerate.state import AcceleratorState, GradientState
 
+        self.accelerator.end_training()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        # accelerate keeps one shared state per process and offers no public reset; its own
+        # test-suite uses these. Without them a second Accelerator inherits the first's plugin.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        for name in [*self.env_set, "ACCELERATE_USE_DEEPSPEED"]:
+            os.environ.pop(name, None)
 
 
 def start_runtime(options: RuntimeConfig, *, micro_batch_size: int, grad_accum: int,
@@ -209,9 +220,9 @@ def start_runtime(options: RuntimeConfig, *, micro_batch_size: int, grad_accum: 
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device", "cuda requested but no GPU is visible; use runtime.device=auto or cpu")
     bf16 = options.precision == "bf16" or (options.precision == "auto" and cuda)
-    plugin = None
+    plugin, env_set = None, []
     if options.kind == "deepspeed":
-        _ensure_single_process_env()
+        env_set = _ensure_single_process_env()
         if not cuda:
             _skip_deepspeed_shm_kernel()
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(
@@ -223,7 +234,7 @@ def start_runtime(options: RuntimeConfig, *, micro_batch_size: int, grad_accum: 
     # accelerate ignores a DeepSpeed plugin when cpu=True; without a GPU it picks the CPU anyway.
     accelerator = Accelerator(cpu=not cuda and plugin is None, mixed_precision="bf16" if bf16 else "no",
                               deepspeed_plugin=plugin, kwargs_handlers=handlers)
-    return Runtime(options=options, accelerator=accelerator, grad_accum=grad_accum, grad_clip=grad_clip)
+    return Runtime(options=options, accelerator=accelerator, grad_accum=grad_accum, grad_clip=grad_clip, env_set=env_set)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

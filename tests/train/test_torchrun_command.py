@@ -1,0 +1,55 @@
+"""launch/torchrun.py: the torchrun argv `recap` re-executes itself under."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from launch.torchrun import TORCHRUN_ENV_MARKER, inside_torchrun, torchrun_command
+
+
+def test_single_node_is_standalone():
+    cmd = torchrun_command(["train-vae", "runtime=ddp", "-m", "seed=1,2"], nproc_per_node=2, python="/py")
+    assert cmd == ["/py", "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                   "-m", "train.cli", "train-vae", "runtime=ddp", "-m", "seed=1,2"]
+
+
+def test_default_python_is_this_interpreter():
+    cmd = torchrun_command(["make-toy-data"], nproc_per_node=1)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[-3:] == ["-m", "train.cli", "make-toy-data"]
+
+
+def test_multi_node_uses_c10d_rendezvous_with_join_timeout():
+    cmd = torchrun_command(["train-vae", "launcher=torchrun"], nproc_per_node=8, nnodes=4, node_rank=3,
+                           rdzv_endpoint="10.0.0.1:29400", rdzv_timeout_s=120, run_id="job42", python="/py")
+    assert cmd == [
+        "/py", "-m", "torch.distributed.run", "--nproc-per-node=8",
+        "--nnodes=4", "--node-rank=3", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
+        "--rdzv-id=job42", "--rdzv-conf=join_timeout=120",
+        "-m", "train.cli", "train-vae", "launcher=torchrun",
+    ]
+    assert "--standalone" not in cmd
+
+
+def test_multi_node_defaults():
+    cmd = torchrun_command(["train-vae"], nproc_per_node=2, nnodes=2, python="/py")
+    assert "--node-rank=0" in cmd
+    assert "--rdzv-endpoint=127.0.0.1:29500" in cmd
+    assert "--rdzv-id=recap" in cmd
+    assert "--rdzv-conf=join_timeout=300" in cmd
+
+
+@pytest.mark.parametrize(("environ", "expected"), [({TORCHRUN_ENV_MARKER: "abc"}, True), ({}, False),
+                                                   ({"RANK": "0", "WORLD_SIZE": "2"}, False)])
+def test_inside_torchrun_from_mapping(environ, expected):
+    assert inside_torchrun(environ) is expected
+
+
+def test_inside_torchrun_reads_process_env(monkeypatch):
+    assert TORCHRUN_ENV_MARKER == "TORCHELASTIC_RUN_ID"
+    monkeypatch.delenv(TORCHRUN_ENV_MARKER, raising=False)
+    assert inside_torchrun() is False
+    monkeypatch.setenv(TORCHRUN_ENV_MARKER, "none")
+    assert inside_torchrun() is True
