@@ -58,9 +58,9 @@ def measure(fn, urls: list[str], workers: int) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", help="shard spec (directory, brace pattern); default: generate toy shards")
-    parser.add_argument("--samples-per-shard", type=int, default=256)
+    parser.add_argument("--samples-per-shard", type=int, default=512)
     parser.add_argument("--num-shards", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.shards

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -126,9 +126,11 @@ def check_marker(root: Path, options: ToyDataOptions) -> None:
         write_json_atomic(marker, wanted)
 
 
-def write_toy_dataset(split_dirs: dict[str, Path], options: ToyDataOptions, progress: bool = True) -> dict[str, Any]:
+def write_toy_dataset(split_dirs: dict[str, Path], options: ToyDataOptions, progress: bool = True,
+                      on_shard: Callable[[str, int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write every missing shard of every split in ``split_dirs`` ({"train": dir, "heldout": dir}).
 
+    ``on_shard(split, shard_id, counts)`` is called as each shard completes (in shard order).
     Returns a summary: shards written/skipped, samples, curated count, samples/s, per-split counts.
     """
     from tqdm import tqdm
@@ -145,6 +147,8 @@ def write_toy_dataset(split_dirs: dict[str, Path], options: ToyDataOptions, prog
     for job, counts in zip(jobs, _map(jobs, options.processes)):
         totals[job.split].update(counts)
         bar.update(options.samples_per_shard)
+        if on_shard is not None:
+            on_shard(job.split, job.shard_id, counts)
     bar.close()
     elapsed = time.perf_counter() - start
     written = sum(t["samples"] for t in totals.values())

@@ -10,7 +10,7 @@ from typing import Any
 
 from data_pipeline.toy_shards import write_toy_dataset
 from train.config_schema import ExperimentConfig
-from train.run_logging import finish_stage, setup_logging, write_config_snapshot
+from train.run_logging import MetricsLogger, config_snapshot, finish_stage, setup_logging, write_config_snapshot
 from train.typed_config import ConfigError
 
 
@@ -29,11 +29,21 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     write_config_snapshot(run_dir, cfg)
     dirs = {"train": _output_dir(cfg.data.train, "data.train"), "heldout": _output_dir(cfg.data.heldout, "data.heldout")}
     log.info("writing toy shards to %s and %s", dirs["train"], dirs["heldout"])
+    metrics = MetricsLogger(run_dir, cfg.logger, stage="make_toy_data", run_name=cfg.run.name,
+                            config=config_snapshot(cfg))
+    done = []
+
+    def on_shard(split: str, shard_id: int, counts: dict[str, Any]) -> None:
+        done.append(shard_id)
+        metrics.log(len(done), {"split": split, "shard": shard_id, "samples": counts["samples"],
+                                "curated": counts.get("curated", 0), "with_text": counts.get("with_text", 0)})
+
     try:
-        summary = write_toy_dataset(dirs, cfg.data.toy, progress=cfg.logger.progress)
+        summary = write_toy_dataset(dirs, cfg.data.toy, progress=cfg.logger.progress, on_shard=on_shard)
     except ValueError as exc:
         raise ConfigError("data.toy", str(exc)) from None
     summary["train_dir"], summary["heldout_dir"] = str(dirs["train"]), str(dirs["heldout"])
+    metrics.close({k: v for k, v in summary.items() if k != "splits"})
     finish_stage(run_dir, "make-toy-data", summary)
     log.info(describe(summary, dirs))
     return summary
