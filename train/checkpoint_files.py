@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.shard_io import fsync_dir
+
 MANIFEST = "MANIFEST.json"
 COMMITTED = "COMMITTED"
 TMP_PREFIX = ".tmp-"
@@ -55,14 +57,6 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_files(root: Path) -> list[str]:

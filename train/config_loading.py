@@ -79,7 +79,8 @@ def _parse(overrides: Sequence[str]) -> list[Any]:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             detail = "; ".join(ln for ln in lines[1:] if not ln.startswith("See https://"))
             detail = detail or (lines[0] if lines else type(exc).__name__)
-            raise ConfigError("", f"cannot parse override '{line}': {detail}; use key=value") from None
+            raise ConfigError("", f"cannot parse override '{line}': {detail}; use key=value, and quote values with "
+                              "braces, commas or colons (data.train='/data/{00000..00099}.tar')") from None
         for o in overrides_here:
             if not o.key_or_group:
                 raise ConfigError("", f"cannot parse override '{line}': the key is missing; use key=value")

@@ -156,7 +156,8 @@ def _check_error(overrides: list[str]) -> ConfigError:
         (["+data.reader.extra=1"], "data.reader.extra",
          "unknown key; valid keys here: fault_check_after, max_fault_fraction, num_workers, open_shards, "
          "prefetch_factor, shuffle, strict"),
-        (["x"], "", "cannot parse override 'x': missing EQUAL at '<EOF>'; use key=value"),
+        (["x"], "", "cannot parse override 'x': missing EQUAL at '<EOF>'; use key=value, and quote values with "
+                    "braces, commas or colons (data.train='/data/{00000..00099}.tar')"),
     ],
 )
 def test_check_overrides_messages(overrides, key, message):
