@@ -8,7 +8,6 @@ Production runs load a pretrained VAE (vae.pretrained) and skip this stage.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,10 @@ from data_pipeline.shard_io import NoShardsError
 from data_pipeline.shard_reader import ShardReader
 from data_pipeline.transforms import SquareCrops
 from models.vae import VaeTraining, build_vae, latent_scaling_factor
-from train.checkpointing import Checkpointer, TrainState, resume_fingerprint
 from train.config_schema import ExperimentConfig, check_batch
-from train.fault_injection import maybe_fail
+from train.loop import Schedule, resume_parts, train_steps
 from train.optimization import build_optimizer, build_scheduler
-from train.run_logging import MetricsLogger, config_snapshot, finish_stage, progress, setup_logging, write_config_snapshot
+from train.run_logging import finish_stage, setup_logging, write_config_snapshot
 from train.runtime import Runtime, seed_everything, start_runtime
 from train.typed_config import ConfigError
 
@@ -53,13 +51,12 @@ def _reader(cfg: ExperimentConfig, rt: Runtime) -> ShardReader:
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """Train, checkpoint and export the VAE; resumes from run_dir/checkpoints if present."""
-    tv, vc = cfg.train_vae, cfg.vae
-    if vc.pretrained is not None:
+    tv = cfg.train_vae
+    if cfg.vae.pretrained is not None:
         raise ConfigError("vae.pretrained", "is set, so there is no VAE to train; train-vae is for vae=tiny (toy)")
     accum = check_batch(tv.global_batch_size, tv.micro_batch_size, int(os.environ.get("WORLD_SIZE", "1")))
     rt = start_runtime(cfg.runtime, micro_batch_size=tv.micro_batch_size, grad_accum=accum, grad_clip=tv.grad_clip)
     log = setup_logging(run_dir, STAGE, rt.rank)
-    snapshot = config_snapshot(cfg)
     if rt.is_main:
         write_config_snapshot(run_dir, cfg)
 
@@ -70,44 +67,19 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     model, optimizer = rt.prepare(model, optimizer)
     seed_everything(cfg.seed, rt.rank)  # per-rank stream for the posterior samples
     reader = _reader(cfg, rt)
-    ckpt = Checkpointer(run_dir / "checkpoints", rt, fingerprint=resume_fingerprint(snapshot, RESUME_KEYS, RESUME_IGNORE),
-                        config=snapshot, keep_last=cfg.checkpoint.keep_last, resume=cfg.resume)
-    state = TrainState()
-    resumed = ckpt.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, reader=reader)
-    metrics = MetricsLogger(run_dir, cfg.logger, stage=STAGE, run_name=cfg.run.name, config=snapshot, enabled=rt.is_main)
-    if resumed:
-        metrics.event(state.step, "resumed")
+    parts, resumed = resume_parts(cfg, run_dir, rt, STAGE, model=model, optimizer=optimizer, scheduler=scheduler,
+                                  reader=reader, resume_keys=RESUME_KEYS, resume_ignore=RESUME_IGNORE)
     log.info("%s on %d process(es), %s, %s; %d steps of %d images (%d micro-batches of %d per rank)", STAGE,
              rt.world_size, rt.device, rt.precision, tv.steps, tv.global_batch_size, accum, tv.micro_batch_size)
 
-    batches, start, first_step = iter(reader), time.perf_counter(), state.step
-    loss, rate = None, 0.0
-    bar = progress(total=tv.steps, initial=state.step, desc=STAGE, unit="step", enabled=rt.is_main and cfg.logger.progress)
-    while state.step < tv.steps:
-        losses = []
-        for micro in range(accum):
-            images = next(batches).to(rt.device)  # (micro_batch, 3, res, res) in [-1, 1]
-            losses.append(rt.micro_step(model, lambda m: m(images), last=micro == accum - 1))
-        grad_norm = rt.optimizer_step(model, optimizer, scheduler)
-        state.step += 1
-        state.samples_seen += tv.global_batch_size
-        loss = rt.mean(torch.stack(losses).mean()).item()
-        rate = (state.step - first_step) * tv.global_batch_size / (time.perf_counter() - start)
-        if state.step % cfg.logger.log_every_steps == 0 or state.step == tv.steps:
-            metrics.log(state.step, {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                     "img_per_s": rate, **{f"skipped/{k}": v for k, v in reader.fault_counts().items()}})
-        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-        bar.update(1)
-        if state.step % cfg.checkpoint.every_steps == 0 or state.step == tv.steps:
-            ckpt.save(state, model=model, optimizer=optimizer, scheduler=scheduler, reader=reader)
-        maybe_fail(step=state.step, rank=rt.rank)
-    bar.close()
+    schedule = Schedule(steps=tv.steps, accum=accum, global_batch=tv.global_batch_size,
+                        checkpoint_every=cfg.checkpoint.every_steps, log_every=cfg.logger.log_every_steps,
+                        show_progress=cfg.logger.progress)
+    result = train_steps(parts, schedule, lambda m, images: m(images), desc=STAGE)  # images: (B, 3, res, res)
 
-    summary = {"steps": state.step, "samples_seen": state.samples_seen, "resumed": resumed,
-               "final_loss": loss, "img_per_s": round(rate, 2),
-               "skipped_samples": reader.fault_counts(), "processes": rt.world_size, "runtime": cfg.runtime.kind}
-    summary["export"] = _export(rt, model, cfg, run_dir, next(batches))
-    metrics.close(summary)
+    summary = {**result, "resumed": resumed, "processes": rt.world_size, "runtime": cfg.runtime.kind,
+               "export": _export(rt, model, cfg, run_dir, next(iter(reader)))}
+    parts.metrics.close(summary)
     if rt.is_main:
         finish_stage(run_dir, "train-vae", summary)
     rt.close()

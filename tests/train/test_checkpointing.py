@@ -59,7 +59,7 @@ def _train(rt: Runtime, parts: tuple[Any, ...], state: TrainState, steps: int) -
     for _ in range(steps):
         x = reader.next_batch()
         # Dropout draws from the global torch RNG: exact continuation needs the RNG restored too.
-        losses.append(rt.micro_step(model, lambda m: m(x).pow(2).mean(), last=True).item())
+        losses.append(rt.micro_step(model, lambda m: m(x).pow(2).mean(), last=True)["loss"].item())
         rt.optimizer_step(model, optimizer, scheduler)
         state.step += 1
     return losses

@@ -92,7 +92,7 @@ model, optimizer = rt.prepare(model, optimizer)
 data = torch.randn(6, 2, 4, 6, generator=torch.Generator().manual_seed(3))
 losses = []
 for step in range(6):
-    step_losses = [rt.micro_step(model, lambda m: m(x).pow(2).mean(), last=i == 1).item() for i, x in enumerate(data[step])]
+    step_losses = [rt.micro_step(model, lambda m: m(x).pow(2).mean(), last=i == 1)["loss"].item() for i, x in enumerate(data[step])]
     rt.optimizer_step(model, optimizer, scheduler)
     losses.append(sum(step_losses) / 2)
 weights = {k: v.flatten().tolist() for k, v in rt.full_state_dict(model).items()}

@@ -1,0 +1,128 @@
+"""The training loop every training stage shares: steps of ``accum`` micro-batches, metrics,
+progress, checkpoints. A stage builds its parts, then calls `train_steps` and exports.
+
+It reads like the algorithm: for each optimizer step, forward/backward each micro-batch, take
+the optimizer step, average the reported losses over micro-batches and ranks, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from train.checkpointing import Checkpointer, TrainState
+from train.fault_injection import maybe_fail
+from train.run_logging import MetricsLogger, progress
+from train.runtime import Runtime
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors in a (nested) tuple/list/dict batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+@dataclass
+class Schedule:
+    """How long and how often: optimizer steps, micro-batches per step, images per step."""
+
+    steps: int
+    accum: int
+    global_batch: int
+    checkpoint_every: int
+    log_every: int
+    show_progress: bool = True
+
+
+@dataclass
+class Parts:
+    """What the loop drives; the stage built and prepared all of it."""
+
+    runtime: Runtime
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    reader: Any
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    state: TrainState
+    extra: dict[str, torch.nn.Module] = field(default_factory=dict)  # saved with checkpoints (EMA ...)
+
+
+def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], Any], desc: str,
+                after_step: Callable[[TrainState], None] | None = None) -> dict[str, Any]:
+    """Run optimizer steps until ``schedule.steps``; returns the last losses and the throughput.
+
+    ``loss_fn(model, batch)`` returns a loss tensor or a dict with "loss" (other entries are
+    reported). ``after_step(state)`` runs after each optimizer step (EMA updates, samples).
+    """
+    rt, state = parts.runtime, parts.state
+    batches: Iterator[Any] = iter(parts.reader)
+    start, first_step = time.perf_counter(), state.step
+    last: dict[str, float] = {}
+    rate = 0.0
+    bar = progress(total=schedule.steps, initial=state.step, desc=desc, unit="step",
+                   enabled=rt.is_main and schedule.show_progress)
+    while state.step < schedule.steps:
+        micro_losses = []
+        for micro in range(schedule.accum):
+            batch = to_device(next(batches), rt.device)
+            micro_losses.append(rt.micro_step(parts.model, lambda m: loss_fn(m, batch), last=micro == schedule.accum - 1))
+        grad_norm = rt.optimizer_step(parts.model, parts.optimizer, parts.scheduler)
+        state.step += 1
+        state.samples_seen += schedule.global_batch
+        if after_step is not None:
+            after_step(state)
+        names = list(micro_losses[0])
+        stacked = torch.stack([torch.stack([m[k] for k in names]) for m in micro_losses]).mean(0)  # (parts,)
+        last = dict(zip(names, rt.mean(stacked).tolist()))
+        rate = (state.step - first_step) * schedule.global_batch / (time.perf_counter() - start)
+        if state.step % schedule.log_every == 0 or state.step == schedule.steps:
+            faults = {f"skipped/{k}": v for k, v in parts.reader.fault_counts().items()}
+            parts.metrics.log(state.step, {**last, "lr": parts.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                           "img_per_s": rate, **faults})
+        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.1f}")
+        bar.update(1)
+        if state.step % schedule.checkpoint_every == 0 or state.step == schedule.steps:
+            parts.checkpointer.save(state, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
+                                    reader=parts.reader, extra=parts.extra)
+        maybe_fail(step=state.step, rank=rt.rank)
+    bar.close()
+    return {"steps": state.step, "samples_seen": state.samples_seen, "final_losses": last,
+            "img_per_s": round(rate, 2), "skipped_samples": parts.reader.fault_counts()}
+
+
+def resume_parts(cfg: Any, run_dir: Any, rt: Runtime, stage: str, *, model: Any, optimizer: Any, scheduler: Any,
+                 reader: Any, resume_keys: tuple[str, ...], resume_ignore: tuple[str, ...] = (),
+                 extra: dict[str, torch.nn.Module] | None = None) -> tuple[Parts, bool]:
+    """Checkpointer, restored state (newest valid checkpoint, if any) and metrics for a stage.
+
+    ``resume_keys``/``resume_ignore``: the config keys whose change refuses a resume.
+    Returns the loop's parts and whether the run resumed.
+    """
+    from train.checkpointing import resume_fingerprint
+    from train.run_logging import config_snapshot
+
+    snapshot = config_snapshot(cfg)
+    checkpointer = Checkpointer(run_dir / "checkpoints", rt,
+                                fingerprint=resume_fingerprint(snapshot, resume_keys, resume_ignore), config=snapshot,
+                                keep_last=cfg.checkpoint.keep_last, resume=cfg.resume)
+    state = TrainState()
+    resumed = checkpointer.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, reader=reader,
+                                   extra=extra)
+    metrics = MetricsLogger(run_dir, cfg.logger, stage=stage, run_name=cfg.run.name, config=snapshot,
+                            enabled=rt.is_main)
+    if resumed:
+        metrics.event(state.step, "resumed")
+    parts = Parts(runtime=rt, model=model, optimizer=optimizer, scheduler=scheduler, reader=reader,
+                  checkpointer=checkpointer, metrics=metrics, state=state, extra=dict(extra or {}))
+    return parts, resumed
