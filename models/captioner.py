@@ -1,0 +1,144 @@
+"""CoCa captioners (open_clip): building, the training forward with CoCaLoss, export/load.
+
+open_clip does the modelling (towers, CoCaLoss, preprocessing, tokenizer); this module only
+adds what the recipe needs around it:
+- building a CoCa from a custom architecture dict (toy) or a built-in name with local weights;
+- initialising `text_decoder.text_projection`, which open_clip leaves as `torch.empty` when a
+  CoCa is built from scratch (it is only ever overwritten by pretrained weights);
+- a training forward that computes the decoder only up to the longest caption of the batch:
+  the decoder is causal and padded labels are ignored by the caption loss, so the loss is the
+  same as over the full context while the (B, L, 49408) logits shrink to the captions' length.
+  The text tower still sees the full context, so the appended CLS token (the contrastive text
+  embedding) sits where open_clip puts it;
+- export to what open_clip loads: a weights file for `create_model_and_transforms(name,
+  pretrained=file)` and an `open_clip_config.json` for `local-dir:` loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import load_model, save_model
+
+SOT_ID, EOT_ID, PAD_ID = 49406, 49407, 0  # open_clip SimpleTokenizer; pad 0 is also the token "!"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+# Keys of open_clip model configs that create_model consumes rather than the CoCa constructor.
+_FACTORY_KEYS = ("custom_text",)
+
+
+def coca_config(model_name: str, architecture: dict[str, Any] | None) -> dict[str, Any]:
+    """The open_clip model config: ``architecture`` if given, else open_clip's built-in one."""
+    if architecture is not None:
+        return dict(architecture)
+    config = open_clip.get_model_config(model_name)
+    if config is None or "multimodal_cfg" not in config:
+        coca = [m for m in open_clip.list_models() if m.startswith("coca")]
+        raise ValueError(f"'{model_name}' is not an open_clip CoCa config; built-in CoCa configs: {coca}")
+    return config
+
+
+def build_captioner(model_name: str, architecture: dict[str, Any] | None = None,
+                    pretrained: str | None = None) -> open_clip.CoCa:
+    """A CoCa in fp32 on the CPU: random init, or weights from a local open_clip checkpoint.
+
+    Args:
+        model_name: open_clip config name (e.g. coca_ViT-L-14), or the name given to ``architecture``.
+        architecture: custom open_clip model config (embed_dim, vision_cfg, text_cfg, multimodal_cfg).
+        pretrained: a local .safetensors/.bin/.pt open_clip checkpoint (no hub access).
+    """
+    config = coca_config(model_name, architecture)
+    try:
+        model = open_clip.CoCa(**{k: v for k, v in config.items() if k not in _FACTORY_KEYS})
+    except (AssertionError, TypeError, ValueError) as exc:  # open_clip asserts on inconsistent sizes
+        raise ValueError(f"not a valid open_clip CoCa config ({exc or type(exc).__name__}); note that "
+                         "multimodal_cfg.width must equal embed_dim and widths must divide by their heads") from None
+    width = model.text_decoder.width
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=width ** -0.5)
+    if pretrained is not None:
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"captioner checkpoint {pretrained} does not exist")
+        open_clip.load_checkpoint(model, pretrained, weights_only=True)
+    return model
+
+
+def image_transform(model: open_clip.CoCa) -> Any:
+    """open_clip's preprocessing for this model, for training and inference alike: images of any
+    aspect are squashed to the square input. Not open_clip's training transform
+    (RandomResizedCrop): a crop cuts away objects, positions and words the caption names, so
+    the target would describe pixels the model never sees. Deterministic, so a resumed run sees
+    exactly the pixels an uninterrupted one would."""
+    size = model.visual.image_size
+    return open_clip.image_transform(size, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                     std=open_clip.OPENAI_DATASET_STD, resize_mode="squash")
+
+
+def tokenizer(model: open_clip.CoCa) -> Any:
+    """open_clip's BPE tokenizer (its vocabulary ships with open_clip) at the model's context."""
+    return open_clip.tokenizer.SimpleTokenizer(context_length=model.text.context_length)
+
+
+class CaptionerTraining(torch.nn.Module):
+    """CoCa + CoCaLoss as one forward (DDP and DeepSpeed only see calls to forward)."""
+
+    def __init__(self, coca: open_clip.CoCa, loss: open_clip.CoCaLoss) -> None:
+        super().__init__()
+        self.coca, self.loss = coca, loss
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: (B, 3, S, S) preprocessed; texts: (B, context) token ids (SOT ... EOT, pad 0).
+
+        Returns {"loss", "contrastive", "caption"} (weighted, as CoCaLoss computes them).
+        """
+        image_latent, image_embs = self.coca._encode_image(images)  # (B, D), (B, N, W)
+        text_latent, token_embs = self.coca._encode_text(texts)  # (B, D), (B, context, W)
+        length = int((texts == EOT_ID).int().argmax(dim=1).max()) + 1  # SOT .. EOT of the longest caption
+        logits = self.coca.text_decoder(image_embs, token_embs[:, : length - 1])  # (B, length-1, vocab)
+        contrastive, caption = self.loss(image_latent, text_latent, logits, texts[:, 1:length],
+                                         self.coca.logit_scale.exp())
+        return {"loss": contrastive + caption, "contrastive": contrastive.detach(), "caption": caption.detach()}
+
+
+def caption_loss(*, contrastive_weight: float, caption_weight: float, rank: int = 0,
+                 world_size: int = 1) -> open_clip.CoCaLoss:
+    """open_clip's CoCaLoss; with several ranks the contrastive part gathers features from all."""
+    return open_clip.CoCaLoss(caption_loss_weight=caption_weight, clip_loss_weight=contrastive_weight,
+                              pad_id=PAD_ID, rank=rank, world_size=world_size)
+
+
+def freeze(module: torch.nn.Module) -> int:
+    """Stop training ``module``; returns the number of parameters frozen."""
+    n = 0
+    for p in module.parameters():
+        p.requires_grad_(False)
+        n += p.numel()
+    return n
+
+
+def export_captioner(model: open_clip.CoCa, config: dict[str, Any], out_dir: Path, model_name: str) -> Path:
+    """Write ``out_dir`` loadable by open_clip in both ways:
+
+    - ``open_clip.create_model_and_transforms(model_name, pretrained=out_dir/WEIGHTS_FILE)`` for
+      a built-in name, or after ``open_clip.add_model_config(out_dir/<model_name>.json)``;
+    - ``open_clip.create_model_and_transforms("local-dir:" + str(out_dir))``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out_dir / WEIGHTS_FILE))
+    model_cfg = {**config, "custom_text": True}
+    preprocess = {"size": model.visual.image_size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                  "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "squash"}
+    (out_dir / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
+    (out_dir / f"{model_name}.json").write_text(json.dumps(model_cfg, indent=2))
+    return out_dir
+
+
+def load_exported(out_dir: Path) -> open_clip.CoCa:
+    """Rebuild an exported captioner (our side of the round trip), weights loaded safely."""
+    config = json.loads((out_dir / CONFIG_FILE).read_text())["model_cfg"]
+    model = open_clip.CoCa(**{k: v for k, v in config.items() if k not in _FACTORY_KEYS})
+    load_model(model, str(out_dir / WEIGHTS_FILE))
+    return model.eval()
