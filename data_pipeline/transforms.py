@@ -40,3 +40,21 @@ class SquareCrops:
 
     def __call__(self, sample: dict[str, Any]) -> torch.Tensor:
         return to_tensor(random_square_crop(sample["image"], self.size, sample["seed"]))
+
+
+@dataclass(frozen=True)
+class CaptionPairs:
+    """Reader transform for captioners: sample -> (image (3, S, S), token ids (context,)).
+
+    ``image_transform`` is the model's preprocessing (a torchvision pipeline from open_clip)
+    and ``tokenize`` its tokenizer (list of str -> (n, context) ids); both are passed in so
+    this module stays free of model libraries. ``caption_source`` names the text: a member
+    ("txt") or a metadata field ("json.gt_dsc"), as the reader's SampleSpec decoded it.
+    """
+
+    image_transform: Any
+    tokenize: Any
+    caption_source: str
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_transform(sample["image"]), self.tokenize([sample[self.caption_source]])[0]

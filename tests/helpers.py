@@ -1,4 +1,4 @@
-"""Helpers for tests that run the `recap` CLI in subprocesses."""
+"""Helpers shared by tests: running the `recap` CLI in subprocesses, reading metrics, tiny models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# A CoCa small enough for unit tests (open_clip model config; vocabulary and context are open_clip's).
+TINY_COCA = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "attn_pooler_queries": 8, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "layers": 1, "heads": 2, "width": 32, "embed_cls": True,
+                 "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 2},
+}
 
 
 def run_recap(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

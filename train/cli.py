@@ -32,6 +32,14 @@ class Stage:
 # The stage table is the CLI's dispatch, nothing more: each module has `run(cfg, run_dir)`.
 STAGES: dict[str, Stage] = {
     "make-toy-data": Stage("train.make_toy_data", "Generate the synthetic-scenes shards (img2dataset layout) with ground truth."),
+    "pretrain-captioner": Stage("train.pretrain_captioner", "Pretrain a CoCa captioner on images + alt-text "
+                                "(contrastive + captioning loss).", batch_section="pretrain_captioner"),
+    "finetune-captioner": Stage("train.finetune_captioner", "Fine-tune it into the short (style=ssc) or descriptive "
+                                "(style=dsc) captioner on curated ground truth.", batch_section="finetune_captioner"),
+    "caption": Stage("train.caption", "Caption a folder of images, an image or shards with an exported captioner "
+                     "(caption.input=PATH)."),
+    "evaluate-captioner": Stage("train.evaluate_captioner", "Score alt-text, SSC and DSC captions on held-out toy "
+                                "samples: attribute precision/recall."),
     "train-vae": Stage("train.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder.",
                        batch_section="train_vae"),
 }
@@ -57,7 +65,7 @@ def _print_stage_help(name: str) -> None:
     print(f"usage: recap {name} [key=value ...] [group=option ...] [-m] [--cfg job]\n")
     print(f"{STAGES[name].summary}\n")
     print(f"Config groups (group=option), from {conf_dir()}:")
-    groups = {f"{g}@{GROUP_PACKAGES[g]}" if g in GROUP_PACKAGES else g: opts for g, opts in config_groups().items()}
+    groups = {f"{g}@<stage>.{g}" if g in GROUP_PACKAGES else g: opts for g, opts in config_groups().items()}
     width = max(13, *(len(g) for g in groups))
     for group, options in groups.items():
         print(f"  {group:<{width}} {', '.join(options)}")

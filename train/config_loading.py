@@ -20,7 +20,7 @@ from train.typed_config import ConfigError, build, did_you_mean
 
 PRIMARY_CONFIG = "recap"
 # Groups placed under another package in conf/recap.yaml's defaults: chosen as group@package=option.
-GROUP_PACKAGES = {"optimizer": "train_vae.optimizer"}
+GROUP_PACKAGES = {"optimizer": ("train_vae.optimizer", "pretrain_captioner.optimizer", "finetune_captioner.optimizer")}
 MAX_SWEEP_CHECKS = 64
 
 
@@ -99,11 +99,12 @@ def _values(override: Any) -> list[str]:
 
 def _check_group(override: Any, groups: dict[str, list[str]]) -> None:
     group = override.key_or_group
-    package = GROUP_PACKAGES.get(group)
-    if package is not None and override.package != package:
+    packages = GROUP_PACKAGES.get(group)
+    if packages is not None and override.package not in packages:
         where = f"'{group}@{override.package}' is not a place for it; " if override.package is not None else ""
-        raise ConfigError(group, f"{where}the {group} belongs to a stage: use {group}@{package}=<option>, "
-                          f"options: {', '.join(groups[group])}, or set fields like {package}.lr=1e-4")
+        raise ConfigError(group, f"{where}the {group} belongs to a stage: use {group}@<stage>.{group}=<option> with "
+                          f"<stage>.{group} one of {', '.join(packages)}; options: {', '.join(groups[group])}; or "
+                          f"set fields like {packages[0]}.lr=1e-4")
     if override.is_delete():
         raise ConfigError(group, "a config group cannot be removed; choose one of its options instead")
     for value in _values(override):

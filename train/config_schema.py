@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.options import ReaderOptions, ToyDataOptions
+from models.decoding_options import DecodingOptions
 from train.typed_config import ConfigError
 
 
@@ -258,6 +259,86 @@ class TrainVaeConfig:
         check_batch(self.global_batch_size, self.micro_batch_size)
 
 
+@dataclass(frozen=True)
+class PretrainCaptionerConfig:
+    """`recap pretrain-captioner`: CoCaLoss (contrastive + captioning) on images and alt-text."""
+
+    steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    caption_key: str = "txt"  # the text member trained on (the alt-text)
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0
+    grad_clip: float | None = 1.0
+    gradient_checkpointing: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if self.contrastive_weight < 0 or self.caption_weight <= 0:
+            raise ConfigError("caption_weight", "caption_weight must be > 0 and contrastive_weight >= 0")
+        check_batch(self.global_batch_size, self.micro_batch_size)
+
+
+@dataclass(frozen=True)
+class FinetuneCaptionerConfig:
+    """`recap finetune-captioner style=ssc|dsc`: captioning loss only, on curated ground truth."""
+
+    style: Literal["ssc", "dsc"]
+    init_from: str  # an exported captioner directory, or an open_clip checkpoint of captioner.model_name
+    steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    freeze_image_tower: bool = True
+    caption_weight: float = 1.0
+    grad_clip: float | None = 1.0
+    gradient_checkpointing: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if self.caption_weight <= 0:
+            raise ConfigError("caption_weight", f"must be > 0, got {self.caption_weight}")
+        check_batch(self.global_batch_size, self.micro_batch_size)
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """`recap caption`: caption a folder of images, an image file, or shards."""
+
+    captioner: str  # an exported captioner directory (finetune-captioner's <style>/captioner)
+    input: str | None = None  # required on the command line: caption.input=<folder|image|shards>
+    output: str | None = None  # a JSONL file; null prints "<key>\t<caption>" lines
+    batch_size: int = 16
+    limit: int | None = None  # caption at most this many images
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit", f"must be >= 1 or null, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class EvaluateCaptionerConfig:
+    """`recap evaluate-captioner`: attribute precision/recall of alt-text and captioners on
+    held-out toy samples (data.heldout), against their ground truth."""
+
+    captioners: dict[str, str]  # name -> exported captioner directory
+    samples: int | None = 256  # held-out samples scored (null: all)
+    batch_size: int = 32
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError("samples", f"must be >= 1 or null, got {self.samples}")
+
+
 def check_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
     """Gradient-accumulation steps for a global batch; ConfigError when it does not divide."""
     if micro_batch < 1 or global_batch < 1:
@@ -291,6 +372,10 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig
     resume: ResumeConfig
     train_vae: TrainVaeConfig
+    pretrain_captioner: PretrainCaptionerConfig
+    finetune_captioner: FinetuneCaptionerConfig
+    caption: CaptionConfig
+    evaluate_captioner: EvaluateCaptionerConfig
 
     def validate(self) -> None:
         # Caught here, before `recap` starts torchrun, rather than in every worker (train/runtime.py).

@@ -15,7 +15,8 @@ from train.config_loading import GROUP_PACKAGES, check_overrides, config_groups,
 from train.typed_config import ConfigError
 
 RECAP = Path(sys.executable).with_name("recap")
-TOP_KEYS = ("captioner, checkpoint, data, diffusion, launcher, logger, resume, run, runtime, seed, text_encoder, "
+TOP_KEYS = ("caption, captioner, checkpoint, data, diffusion, evaluate_captioner, finetune_captioner, launcher, logger, "
+            "pretrain_captioner, resume, run, runtime, seed, text_encoder, "
             "train_vae, unet, vae")
 
 
@@ -61,17 +62,17 @@ def test_stage_help_lists_groups_and_options(workdir):
     assert out[0] == "usage: recap train-vae [key=value ...] [group=option ...] [-m] [--cfg job]"
     assert STAGES["train-vae"].summary in out
     for group, options in config_groups().items():
-        shown = f"{group}@{GROUP_PACKAGES[group]}" if group in GROUP_PACKAGES else group
+        shown = f"{group}@<stage>.{group}" if group in GROUP_PACKAGES else group
         rows = [line.split(None, 1) for line in out if line.startswith("  ") and line.split()[:1] == [shown]]
         assert rows == [[shown, ", ".join(options)]], group
-    assert "optimizer@train_vae.optimizer adamw" in " ".join(" ".join(out).split())
+    assert "optimizer@<stage>.optimizer adamw" in " ".join(" ".join(out).split())
 
 
 # (argv, stage in the message, expected text after "recap STAGE: error: "; a str is the whole
 # message, a tuple lists fragments that must all appear)
 ERRORS = [
     pytest.param(["trian-vae"], "trian-vae",
-                 "unknown stage 'trian-vae' (did you mean 'train-vae'?); stages: make-toy-data, train-vae",
+                 "unknown stage 'trian-vae' (did you mean 'train-vae'?); stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, train-vae",
                  id="unknown-stage"),
     pytest.param(["train-vae", "data.tarin=x"], "train-vae",
                  "data.tarin: unknown config key (did you mean 'train'?); valid keys under 'data': "
@@ -96,7 +97,7 @@ ERRORS = [
     pytest.param(["train-vae", "--cfg", "bogus"], "train-vae", "--cfg needs a value: job, hydra or all",
                  id="bad-cfg-value"),
     pytest.param(["train-vae", "optimizer=adamw"], "train-vae",
-                 ("optimizer: ", "use optimizer@train_vae.optimizer=<option>", "options: adamw"),
+                 ("optimizer: ", "use optimizer@<stage>.optimizer=<option>", "options: adamw"),
                  id="optimizer-without-package"),
     pytest.param(["train-vae", "=x"], "train-vae", "cannot parse override '=x': the key is missing; use key=value",
                  id="malformed-missing-key"),
@@ -169,7 +170,7 @@ def test_optimizer_in_the_wrong_package_is_explained():
     err = _check_error(["optimizer@foo=adamw"])
     assert err.key == "optimizer"
     assert err.message.startswith("'optimizer@foo' is not a place for it; ")
-    assert "use optimizer@train_vae.optimizer=<option>" in err.message
+    assert "use optimizer@<stage>.optimizer=<option>" in err.message
 
 
 def test_every_sweep_point_is_checked():
@@ -203,7 +204,7 @@ def test_sweep_keys():
         (["train-vae", "--cfg"], "recap train-vae: error: --cfg needs a value: job, hydra or all"),
         (["train-vae", "-c", "seed=1"], "recap train-vae: error: -c needs a value: job, hydra or all"),
         (["tarin-vae"], "recap tarin-vae: error: unknown stage 'tarin-vae' (did you mean 'train-vae'?); "
-                        "stages: make-toy-data, train-vae"),
+                        "stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, train-vae"),
     ],
 )
 def test_main_in_process_usage_errors(argv, message, capsys):

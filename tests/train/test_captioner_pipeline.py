@@ -1,0 +1,108 @@
+"""Stage 1 end to end through the CLI: pretrain -> finetune ssc/dsc -> caption -> evaluate.
+
+Tiny step counts: this checks the stages' contracts (outputs, formats, guards, resume), not
+caption quality (that is the toy experiment's job; see docs/captioner.md for measured numbers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.helpers import logged_losses, run_recap
+from train import checkpoint_files as files
+
+pytestmark = pytest.mark.slow
+SMALL = ["captioner.architecture.vision_cfg.layers=1", "captioner.architecture.text_cfg.layers=1",
+         "captioner.architecture.multimodal_cfg.layers=1", "logger.wandb.mode=disabled", "logger.progress=false",
+         "data.reader.num_workers=1"]
+
+
+def _common(root: Path, toy_data: Path) -> list[str]:
+    return [f"run.root={root}", f"data.train={toy_data}/train", f"data.heldout={toy_data}/heldout", *SMALL]
+
+
+def _ok(args: list[str], **kwargs) -> str:
+    result = run_recap(args, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_captioner_stages_end_to_end(toy_data: Path, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    common = _common(root, toy_data)
+    _ok(["pretrain-captioner", *common, "pretrain_captioner.steps=2", "pretrain_captioner.global_batch_size=8",
+         "pretrain_captioner.micro_batch_size=4"])
+    pretrain = root / "toy" / "pretrain_captioner"
+    records = [json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss"] == pytest.approx(r["contrastive"] + r["caption"], rel=1e-5) for r in records)
+    assert sorted(p.name for p in (pretrain / "captioner").iterdir()) == [
+        "coca_toy.json", "open_clip_config.json", "open_clip_model.safetensors"]
+
+    for style in ("ssc", "dsc"):
+        _ok(["finetune-captioner", f"style={style}", *common, "finetune_captioner.steps=2",
+             "finetune_captioner.global_batch_size=4", "finetune_captioner.micro_batch_size=4"])
+        summary = json.loads((root / "toy" / "finetune_captioner" / style / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["filtered_samples"]["not_curated"] > 0
+        # the image tower was frozen: SSC and DSC share it bit for bit with the pretrained model
+        tuned = load_file(root / "toy" / "finetune_captioner" / style / "captioner" / "open_clip_model.safetensors")
+        base = load_file(pretrain / "captioner" / "open_clip_model.safetensors")
+        assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("visual."))
+        assert any(not torch.equal(tuned[k], base[k]) for k in base if k.startswith("text_decoder."))
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(64, 64), (128, 64), (48, 96)]):
+        Image.new("RGB", size, (40 * i, 100, 200)).save(images / f"img{i}.png")
+    out = _ok(["caption", *common, f"caption.input={images}", "caption.decoding.max_length=12"])
+    lines = [line for line in out.splitlines() if line.startswith(str(images))]
+    assert [line.split("\t")[0] for line in lines] == [str(images / f"img{i}.png") for i in range(3)]
+    jsonl = tmp_path / "captions.jsonl"
+    _ok(["caption", *common, f"caption.input={toy_data}/heldout", f"caption.output={jsonl}", "caption.limit=5",
+         "caption.decoding.strategy=beam", "caption.decoding.num_beams=2", "caption.decoding.max_length=12"])
+    captions = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(captions) == 5 and all(0 <= c["tokens"] <= 10 for c in captions)
+
+    out = _ok(["evaluate-captioner", *common, "evaluate_captioner.samples=16", "evaluate_captioner.batch_size=8",
+               "evaluate_captioner.decoding.max_length=20"])
+    report = json.loads((root / "toy" / "evaluate_captioner" / "caption_eval.json").read_text())
+    assert report["samples"] == 16
+    assert list(report["results"]) == ["alt-text", "ssc", "dsc", "gt_ssc", "gt_dsc"]
+    assert report["results"]["gt_dsc"]["overall"]["recall"] == 1.0  # the scorer reads everything a DSC says
+    assert report["results"]["gt_dsc"]["captions"] == 16 and len(report["examples"]["dsc"]) == 8
+    assert "colour_shape" in out and "gt_dsc" in out  # the table was printed
+
+
+def test_pretrain_resumes_bit_identically(toy_data: Path, tmp_path: Path) -> None:
+    args = ["pretrain-captioner", "pretrain_captioner.steps=4", "pretrain_captioner.global_batch_size=8",
+            "pretrain_captioner.micro_batch_size=4", "checkpoint.every_steps=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _ok([*args, *_common(straight, toy_data)])
+    assert run_recap([*args, *_common(killed, toy_data)], env={"RECAP_FAULT": "sigkill@step=3"}).returncode != 0
+    assert files.committed_steps(killed / "toy" / "pretrain_captioner" / "checkpoints") == [2]
+    _ok([*args, *_common(killed, toy_data)])
+    a, b = logged_losses(straight / "toy" / "pretrain_captioner"), logged_losses(killed / "toy" / "pretrain_captioner")
+    assert {s: v[-1] for s, v in b.items()} == {s: v[0] for s, v in a.items()} and b[3] == [a[3][0]] * 2
+    weights = "toy/pretrain_captioner/captioner/open_clip_model.safetensors"
+    wa, wb = load_file(straight / weights), load_file(killed / weights)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_captioner_stages_under_ddp(toy_data: Path, tmp_path: Path) -> None:
+    """2 processes: the contrastive loss gathers features across ranks; caption-only fine-tuning
+    with an unfrozen image tower leaves no parameter without a gradient (DDP would refuse)."""
+    ddp = ["launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp", *_common(tmp_path, toy_data)]
+    _ok(["pretrain-captioner", *ddp, "pretrain_captioner.steps=2", "pretrain_captioner.global_batch_size=8",
+         "pretrain_captioner.micro_batch_size=2"])
+    records = [json.loads(line) for line in (tmp_path / "toy" / "pretrain_captioner" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["contrastive"] > 0 for r in records)
+    _ok(["finetune-captioner", "style=dsc", *ddp, "finetune_captioner.steps=2", "finetune_captioner.freeze_image_tower=false",
+         "finetune_captioner.global_batch_size=4", "finetune_captioner.micro_batch_size=2"])
+    summary = json.loads((tmp_path / "toy" / "finetune_captioner" / "dsc" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["samples_seen"] == 8
