@@ -18,23 +18,17 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import open_clip
 import open_clip.coca_model
 import torch
+import yaml
 from transformers import TopKLogitsWarper
 
 from models.caption_decoding import EOT_ID, PAD_ID, DecodingOptions, content_tokens, generate_tokens
 
-TINY_COCA = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32,
-                   "attentional_pool": True, "attn_pooler_heads": 2, "attn_pooler_queries": 16, "output_tokens": True},
-    "text_cfg": {"context_length": 76, "vocab_size": 49408, "layers": 2, "heads": 2, "width": 64,
-                 "embed_cls": True, "output_tokens": True},
-    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
-                       "attn_pooler_heads": 2},
-}
+TOY_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "captioner" / "coca_tiny.yaml"
 
 
 def enable_open_clip_generate() -> None:
@@ -50,8 +44,8 @@ def enable_open_clip_generate() -> None:
 def build_model(name: str, device: str) -> tuple[torch.nn.Module, int]:
     """A random-weight CoCa that never ends a caption early, and its image size."""
     torch.manual_seed(0)
-    if name == "tiny":
-        model = open_clip.CoCa(**TINY_COCA)
+    if name == "tiny":  # the toy experiment's CoCa (conf/captioner/coca_tiny.yaml)
+        model = open_clip.CoCa(**yaml.safe_load(TOY_CONFIG.read_text())["architecture"])
     else:
         model = open_clip.create_model(name, pretrained=None)
     projection = model.text_decoder.text_projection  # open_clip leaves it torch.empty (uninitialised)
@@ -98,7 +92,7 @@ def measure(model: torch.nn.Module, images: torch.Tensor, length: int, repeats: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' or an open_clip CoCa name, e.g. coca_ViT-L-14")
+    parser.add_argument("--model", default="tiny", help="'tiny' (the toy CoCa) or an open_clip CoCa name, e.g. coca_ViT-L-14")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--lengths", type=int, nargs="+", default=[15, 30, 60])

@@ -318,12 +318,15 @@ def _cell(stats: dict) -> str:
 
 def score_table(results: dict[str, dict]) -> str:
     """Fixed-width table: one column per source (summary dicts), rows attributes, overall,
+    (if every summary has "other_image", the same against another image's ground truth),
     mean words and empty captions."""
     if not results:
         raise ValueError("score_table needs at least one source: {name: CaptionScorer.summary()}")
     rows: list[tuple[str, list[str]]] = [
         (a, [_cell(r["per_attribute"][a]) for r in results.values()]) for a in ATTRIBUTES]
     rows.append(("overall", [_cell(r["overall"]) for r in results.values()]))
+    if all("other_image" in r for r in results.values()):  # the control: scored against another image
+        rows.append(("vs other image", [_cell(r["other_image"]) for r in results.values()]))
     rows.append(("mean words", [f"{r['mean_words']:.1f}" for r in results.values()]))
     rows.append(("empty", [f"{r['empty']} / {r['captions']}" for r in results.values()]))
     label_w = max(len(label) for label, _ in rows)

@@ -103,20 +103,35 @@ class CaptionerTraining(torch.nn.Module):
         return {"loss": contrastive + caption, "contrastive": contrastive.detach(), "caption": caption.detach()}
 
 
+class CaptionLoss(open_clip.CoCaLoss):
+    """open_clip's CoCaLoss, with the captioning term computed on contiguous logits.
+
+    CoCaLoss hands ``logits.permute(0, 2, 1)`` to cross_entropy, so log_softmax strides across
+    the 49k-token vocabulary: on CPU that and the copy it forces were ~60% of a toy training step.
+    Flattening to (B*L, vocab) gives the same mean over non-pad tokens (a test compares values
+    and gradients with CoCaLoss) in half the time (toy CoCa forward+backward, B=32 x 60 tokens,
+    this 2-core CPU: 0.83 s vs 1.67 s). The contrastive term is open_clip's.
+    """
+
+    def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict=False):
+        if self.clip_loss_weight:
+            contrastive = self.clip_loss_weight * open_clip.ClipLoss.forward(self, image_features, text_features,
+                                                                             logit_scale)
+        else:
+            contrastive = torch.tensor(0.0, device=logits.device)
+        caption = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    ignore_index=self.caption_loss.ignore_index)
+        caption = caption * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": contrastive, "caption_loss": caption}
+        return contrastive, caption
+
+
 def caption_loss(*, contrastive_weight: float, caption_weight: float, rank: int = 0,
                  world_size: int = 1) -> open_clip.CoCaLoss:
-    """open_clip's CoCaLoss; with several ranks the contrastive part gathers features from all."""
-    return open_clip.CoCaLoss(caption_loss_weight=caption_weight, clip_loss_weight=contrastive_weight,
-                              pad_id=PAD_ID, rank=rank, world_size=world_size)
-
-
-def freeze(module: torch.nn.Module) -> int:
-    """Stop training ``module``; returns the number of parameters frozen."""
-    n = 0
-    for p in module.parameters():
-        p.requires_grad_(False)
-        n += p.numel()
-    return n
+    """CoCaLoss (see CaptionLoss); with several ranks the contrastive part gathers features from all."""
+    return CaptionLoss(caption_loss_weight=caption_weight, clip_loss_weight=contrastive_weight,
+                       pad_id=PAD_ID, rank=rank, world_size=world_size)
 
 
 def export_captioner(model: open_clip.CoCa, config: dict[str, Any], out_dir: Path, model_name: str) -> Path:

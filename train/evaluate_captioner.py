@@ -7,6 +7,10 @@ of the colours, shapes, colour-shape bindings, textures, sizes, positions, objec
 written word they mention, plus mean length. The ground-truth SSC and DSC are scored too: the
 DSC row (recall 1.0) shows that the scorer can read everything a caption may say.
 
+Control: every caption is also scored against ANOTHER image's ground truth (the next held-out
+sample). What a source gets that way comes from scene statistics, not from looking ("two
+shapes", "a gradient background"); recall above it is what the captioner actually sees.
+
 Writes <run_dir>/caption_eval.json (per source: summary + example captions) and prints a table.
 """
 
@@ -78,6 +82,8 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
             raise ConfigError("evaluate_captioner.captioners", "captioners with different image sizes")
     sources = ["alt-text", *models, "gt_ssc", "gt_dsc"]
     scorers = {name: CaptionScorer() for name in sources}
+    written: dict[str, list[str]] = {name: [] for name in sources}
+    truths: list[dict[str, Any]] = []
     examples: dict[str, list[dict[str, str]]] = {name: [] for name in sources}
     seen = 0
     bar = progress(total=e.samples, desc="evaluate-captioner", unit="img", enabled=cfg.logger.progress)
@@ -89,21 +95,33 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         for name, model in models.items():
             captions[name] = [decode_text(ids, tok) for ids in generate_tokens(model, images, e.decoding)]
         for name in sources:
+            written[name] += captions[name]
             for (key, _, _, gt), text in zip(batch, captions[name]):
                 scorers[name].add(text, gt)
                 if len(examples[name]) < EXAMPLES:
                     examples[name].append({"key": key, "caption": text})
+        truths += [gt for *_, gt in batch]
         seen += len(batch)
         bar.update(len(batch))
         if e.samples is not None and seen >= e.samples:
             break
     bar.close()
-    results = {name: scorers[name].summary() for name in sources}
+    results = {name: {**scorers[name].summary(), "other_image": _other_image(written[name], truths)}
+               for name in sources}
     table = score_table(results)
     (run_dir / "caption_eval.json").write_text(json.dumps(
         {"samples": seen, "results": results, "examples": examples}, indent=2) + "\n")
     log.info("caption quality on %d held-out samples (precision / recall of mentioned attributes):\n%s", seen, table)
     summary = {"samples": seen, **{f"{name}_recall": round(results[name]["overall"]["recall"], 4) for name in sources},
+               **{f"{name}_recall_other_image": round(results[name]["other_image"]["recall"], 4) for name in sources},
                **{f"{name}_precision": round(results[name]["overall"]["precision"], 4) for name in sources}}
     finish_stage(run_dir, "evaluate-captioner", summary)
     return summary
+
+
+def _other_image(captions: list[str], truths: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overall precision/recall of each caption against the next sample's ground truth (cyclic)."""
+    scorer = CaptionScorer()
+    for i, caption in enumerate(captions):
+        scorer.add(caption, truths[(i + 1) % len(truths)])
+    return scorer.summary()["overall"]

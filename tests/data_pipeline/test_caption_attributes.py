@@ -313,6 +313,14 @@ def test_score_table_lists_sources_and_numbers(sources: dict) -> None:
     assert len({len(line) for line in lines}) == 1  # fixed width
     with pytest.raises(ValueError):
         score_table({})
+    assert "vs other image" not in table
+
+
+def test_score_table_shows_the_other_image_control(sources: dict) -> None:
+    other = {"precision": 0.25, "recall": 0.125, "mentioned": 4, "correct": 1, "recalled": 1, "expected": 8}
+    table = score_table({name: {**r, "other_image": other} for name, r in sources.items()})
+    row = next(line for line in table.splitlines() if line.startswith("vs other image"))
+    assert row.count("P 0.25 / R 0.12") == len(sources)
 
 
 def test_positions_vocabulary_is_covered() -> None:

@@ -42,17 +42,43 @@ def test_invalid_architecture_and_missing_checkpoint_are_clear() -> None:
 
 
 def test_short_decoder_loss_equals_open_clip_full_forward(coca: open_clip.CoCa) -> None:
+    """Our forward (decoder cut to the longest caption, contiguous cross-entropy) gives
+    open_clip's CoCaLoss over its own full-context forward: same values, same gradients."""
     texts = tokenizer(coca)(CAPTIONS)
     assert texts.shape == (4, 76) and (texts[:, 0] == SOT_ID).all() and (texts == EOT_ID).sum() == 4
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    loss = caption_loss(contrastive_weight=1.0, caption_weight=2.0)
-    ours = CaptionerTraining(coca, loss)(images, texts)
+    ours = CaptionerTraining(coca, caption_loss(contrastive_weight=1.0, caption_weight=2.0))(images, texts)
+    ours["loss"].backward()
+    our_grads = {n: p.grad.clone() for n, p in coca.named_parameters() if p.grad is not None}
+    coca.zero_grad()
     full = coca(images, texts)  # open_clip's own forward over the whole context
-    contrastive, caption = loss(full["image_features"], full["text_features"], full["logits"], full["labels"],
-                                full["logit_scale"])
+    reference = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)
+    contrastive, caption = reference(full["image_features"], full["text_features"], full["logits"], full["labels"],
+                                     full["logit_scale"])
+    (contrastive + caption).backward()
     assert ours["contrastive"].item() == pytest.approx(contrastive.item(), rel=1e-6)
     assert ours["caption"].item() == pytest.approx(caption.item(), rel=1e-5)
     assert ours["loss"].item() == pytest.approx((contrastive + caption).item(), rel=1e-5)
+    assert len(our_grads) > 50
+    for name, param in coca.named_parameters():
+        if name in our_grads:
+            torch.testing.assert_close(our_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            assert param.grad is None or not param.grad.any(), name
+
+
+def test_caption_loss_weights_and_padding() -> None:
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([[4, 2, 0, 0, 0], [1, 1, 1, 7, 0], [3, 0, 0, 0, 0]])
+    feats = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(4)), dim=-1)
+    scale = torch.tensor(10.0)
+    _, caption = caption_loss(contrastive_weight=0.0, caption_weight=3.0)(feats, feats, logits, labels, scale)
+    keep = labels != 0  # 7 real tokens; pads count for nothing
+    expected = -torch.log_softmax(logits, dim=-1)[keep].gather(1, labels[keep][:, None]).mean() * 3.0
+    assert caption.item() == pytest.approx(expected.item(), rel=1e-6)
+    contrastive, _ = caption_loss(contrastive_weight=0.5, caption_weight=1.0)(feats, feats, logits, labels, scale)
+    clip = open_clip.ClipLoss()(feats, feats, scale)
+    assert contrastive.item() == pytest.approx(0.5 * clip.item(), rel=1e-6)
 
 
 def test_export_loads_in_open_clip_both_ways(coca: open_clip.CoCa, tmp_path: Path) -> None:
@@ -88,3 +114,25 @@ def test_caption_pairs_transform(coca: open_clip.CoCa) -> None:
     image, tokens = pairs({"image": Image.new("RGB", (64, 32), (255, 0, 0)), "json.gt_dsc": CAPTIONS[1], "seed": 3})
     assert image.shape == (3, 32, 32) and tokens.shape == (76,)
     assert torch.equal(tokens, tokenizer(coca)([CAPTIONS[1]])[0])
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_captioner("coca_test", ARCH)
+    texts = tokenizer(model)(CAPTIONS)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    training = CaptionerTraining(model, caption_loss(contrastive_weight=1.0, caption_weight=2.0)).train()
+    results = []
+    for enabled in (False, True):
+        model.set_grad_checkpointing(enabled)
+        model.zero_grad()
+        out = training(images, texts)
+        out["loss"].backward()
+        results.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                             if p.grad is not None}))
+    assert model.visual.transformer.grad_checkpointing and model.text_decoder.grad_checkpointing
+    (plain, plain_grads), (checkpointed, ckpt_grads) = results
+    assert checkpointed == pytest.approx(plain, rel=1e-6)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)

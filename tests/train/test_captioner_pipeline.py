@@ -47,6 +47,7 @@ def test_captioner_stages_end_to_end(toy_data: Path, tmp_path: Path) -> None:
 
     for style in ("ssc", "dsc"):
         _ok(["finetune-captioner", f"style={style}", *common, "finetune_captioner.steps=2",
+             "finetune_captioner.freeze_image_tower=true",
              "finetune_captioner.global_batch_size=4", "finetune_captioner.micro_batch_size=4"])
         summary = json.loads((root / "toy" / "finetune_captioner" / style / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["filtered_samples"]["not_curated"] > 0
@@ -75,8 +76,10 @@ def test_captioner_stages_end_to_end(toy_data: Path, tmp_path: Path) -> None:
     assert report["samples"] == 16
     assert list(report["results"]) == ["alt-text", "ssc", "dsc", "gt_ssc", "gt_dsc"]
     assert report["results"]["gt_dsc"]["overall"]["recall"] == 1.0  # the scorer reads everything a DSC says
+    # the control: a true DSC scored against another scene's ground truth is mostly wrong
+    assert report["results"]["gt_dsc"]["other_image"]["recall"] < 0.5
     assert report["results"]["gt_dsc"]["captions"] == 16 and len(report["examples"]["dsc"]) == 8
-    assert "colour_shape" in out and "gt_dsc" in out  # the table was printed
+    assert "colour_shape" in out and "gt_dsc" in out and "vs other image" in out  # the table was printed
 
 
 def test_pretrain_resumes_bit_identically(toy_data: Path, tmp_path: Path) -> None:
@@ -106,3 +109,23 @@ def test_captioner_stages_under_ddp(toy_data: Path, tmp_path: Path) -> None:
          "finetune_captioner.global_batch_size=4", "finetune_captioner.micro_batch_size=2"])
     summary = json.loads((tmp_path / "toy" / "finetune_captioner" / "dsc" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["samples_seen"] == 8
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "known bug: DeepSpeed 0.19's model broadcast views every parameter as bytes, which fails for "
+    "CoCa's 0-dim logit_scale ('self.dim() cannot be 0 to view Float as Byte'); open in issue 3"))
+def test_captioner_finetune_under_zero3(toy_data: Path, tmp_path: Path) -> None:
+    """Under ZeRO-3 (parameters partitioned) the frozen tower stays bit-identical in the export."""
+    common = _common(tmp_path, toy_data)
+    _ok(["pretrain-captioner", *common, "pretrain_captioner.steps=1", "pretrain_captioner.global_batch_size=4",
+         "pretrain_captioner.micro_batch_size=4"])
+    zero3 = ["launcher=torchrun", "launcher.nproc_per_node=2", "runtime=zero3", *common]
+    _ok(["finetune-captioner", "style=ssc", *zero3, "finetune_captioner.steps=2", "finetune_captioner.freeze_image_tower=true",
+         "finetune_captioner.global_batch_size=4", "finetune_captioner.micro_batch_size=2"])
+    summary = json.loads((tmp_path / "toy" / "finetune_captioner" / "ssc" / "summary.json").read_text())
+    assert (summary["processes"], summary["runtime"], summary["samples_seen"]) == (2, "zero3", 8)
+    tuned = load_file(tmp_path / "toy" / "finetune_captioner" / "ssc" / "captioner" / "open_clip_model.safetensors")
+    base = load_file(tmp_path / "toy" / "pretrain_captioner" / "captioner" / "open_clip_model.safetensors")
+    assert tuned.keys() == base.keys()
+    assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("visual."))
+    assert any(not torch.equal(tuned[k], base[k]) for k in base if k.startswith("text_decoder."))

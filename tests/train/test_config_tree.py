@@ -160,7 +160,12 @@ def test_every_group_option_composes_and_validates(group, option):
         for part in package.split("."):
             placed = placed[part]
         expected = yaml.safe_load(text)
-        assert {k: placed[k] for k in expected} == expected if header.startswith("# @package") else placed == expected
+        if header.startswith("# @package"):
+            assert {k: placed[k] for k in expected} == expected
+        elif package == packages[0]:
+            assert placed == expected
+        else:  # recap.yaml sets stage-specific values (lr, schedule) over the group's file
+            assert set(placed) == set(expected) and placed["name"] == expected["name"]
     cfg = experiment_from_omegaconf(node)
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.run.name == "probe"
