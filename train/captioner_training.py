@@ -130,7 +130,7 @@ def train_captioner(cfg: ExperimentConfig, run_dir: Path, job: CaptionerJob,
         final.load_state_dict({k.removeprefix("coca."): v for k, v in weights.items() if k.startswith("coca.")})
         export_captioner(final, job.architecture, export, job.model_name)
     rt.barrier()
-    summary = {**result, "resumed": resumed, "processes": rt.world_size, "runtime": cfg.runtime.kind,
+    summary = {**result, "resumed": resumed, "processes": rt.world_size, "runtime": rt.name,
                "filtered_samples": reader.filtered_counts(), "export": str(export)}
     parts.metrics.close(summary)
     if rt.is_main:

@@ -239,69 +239,64 @@ class DiffusionConfig:
             raise ConfigError("cfg_dropout", f"must be in [0, 1), got {self.cfg_dropout}")
 
 
-@dataclass(frozen=True)
-class TrainVaeConfig:
-    """`recap train-vae`: reconstruction + KL on random crops of the training images."""
+@dataclass(frozen=True, kw_only=True)
+class TrainingStageConfig:
+    """What every training stage's section has: length, batch split, clipping, optimizer."""
 
     steps: int
     global_batch_size: int
     micro_batch_size: int
-    resolution: int
-    kl_weight: float = 1e-6
     grad_clip: float | None = 1.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError("steps", f"must be >= 1, got {self.steps}")
-        if self.resolution % 8:
-            raise ConfigError("resolution", f"must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
         check_batch(self.global_batch_size, self.micro_batch_size)
 
 
-@dataclass(frozen=True)
-class PretrainCaptionerConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainVaeConfig(TrainingStageConfig):
+    """`recap train-vae`: reconstruction + KL on random crops of the training images."""
+
+    resolution: int
+    kl_weight: float = 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+        if self.resolution % 8:
+            raise ConfigError("resolution", f"must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainCaptionerConfig(TrainingStageConfig):
     """`recap pretrain-captioner`: CoCaLoss (contrastive + captioning) on images and alt-text."""
 
-    steps: int
-    global_batch_size: int
-    micro_batch_size: int
     caption_key: str = "txt"  # the text member trained on (the alt-text)
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0
-    grad_clip: float | None = 1.0
     gradient_checkpointing: bool = False
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        super().validate()
         if self.contrastive_weight < 0 or self.caption_weight <= 0:
             raise ConfigError("caption_weight", "caption_weight must be > 0 and contrastive_weight >= 0")
-        check_batch(self.global_batch_size, self.micro_batch_size)
 
 
-@dataclass(frozen=True)
-class FinetuneCaptionerConfig:
+@dataclass(frozen=True, kw_only=True)
+class FinetuneCaptionerConfig(TrainingStageConfig):
     """`recap finetune-captioner style=ssc|dsc`: captioning loss only, on curated ground truth."""
 
     style: Literal["ssc", "dsc"]
     init_from: str  # an exported captioner directory, or an open_clip checkpoint of captioner.model_name
-    steps: int
-    global_batch_size: int
-    micro_batch_size: int
     freeze_image_tower: bool = True
     caption_weight: float = 1.0
-    grad_clip: float | None = 1.0
     gradient_checkpointing: bool = False
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        super().validate()
         if self.caption_weight <= 0:
             raise ConfigError("caption_weight", f"must be > 0, got {self.caption_weight}")
-        check_batch(self.global_batch_size, self.micro_batch_size)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,8 @@ class Runtime:
     grad_accum: int
     grad_clip: float | None
     env_set: list[str] = field(default_factory=list)
+    # names of 0-dim parameters held as shape (1,) while wrapped by DeepSpeed (see prepare)
+    _scalar_params: set[str] = field(default_factory=set)
 
     @property
     def rank(self) -> int:
@@ -134,11 +136,26 @@ class Runtime:
         return self.options.kind == "deepspeed"
 
     @property
+    def name(self) -> str:
+        """"single", "ddp" or "zero1/2/3", as the runtime config group names it (for summaries)."""
+        return f"zero{self.options.zero_stage}" if self.is_deepspeed else self.options.kind
+
+    @property
     def precision(self) -> str:
         return "bf16" if self.accelerator.mixed_precision == "bf16" else "fp32"
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-        """Wrap for the runtime: DDP, a DeepSpeed engine (its optimizer inside), or unchanged."""
+        """Wrap for the runtime: DDP, a DeepSpeed engine (its optimizer inside), or unchanged.
+
+        DeepSpeed (0.19) broadcasts and partitions parameters through byte views, which fail on
+        0-dim tensors (CoCa's ``logit_scale``); such parameters are held as shape (1,) while
+        wrapped (they broadcast the same in every use) and restored in ``full_state_dict``.
+        """
+        if self.is_deepspeed:
+            for name, param in model.named_parameters():
+                if param.dim() == 0:
+                    param.data = param.data.reshape(1)
+                    self._scalar_params.add(name)
         return self.accelerator.prepare(model, optimizer)
 
     def unwrap(self, model: Any) -> torch.nn.Module:
@@ -178,9 +195,11 @@ class Runtime:
         return None if norm is None else float(norm)
 
     def full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:
-        """The unsharded weights on every rank's CPU (collective under ZeRO-3)."""
-        state = self.accelerator.get_state_dict(model, unwrap=True)
-        return {k: v.detach().cpu() for k, v in state.items()}
+        """The unsharded weights on CPU: on every rank, except under ZeRO-3 where the gather
+        (a collective: call it on all ranks) lands on the main rank only and others get {}."""
+        state = self.accelerator.get_state_dict(model, unwrap=True) or {}
+        return {k: v.detach().cpu().reshape(()) if k in self._scalar_params else v.detach().cpu()
+                for k, v in state.items()}
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """Average a tensor over ranks (identity on one process)."""

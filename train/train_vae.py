@@ -77,7 +77,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                         show_progress=cfg.logger.progress)
     result = train_steps(parts, schedule, lambda m, images: m(images), desc=STAGE)  # images: (B, 3, res, res)
 
-    summary = {**result, "resumed": resumed, "processes": rt.world_size, "runtime": cfg.runtime.kind,
+    summary = {**result, "resumed": resumed, "processes": rt.world_size, "runtime": rt.name,
                "export": _export(rt, model, cfg, run_dir, next(iter(reader)))}
     parts.metrics.close(summary)
     if rt.is_main:
