@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 # The embedded default (the toy experiment, CPU, ~10 minutes on 2 cores): synthetic-scenes shards,
-# then stage 1 of the recipe: pretrain the captioner, fine-tune SSC and DSC, score their captions.
+# then stage 1 of the recipe: pretrain the captioner, fine-tune SSC and DSC, score their captions;
+# then stage 2: recaption the training shards with both captioners.
 # Each stage prints a summary; rerunning resumes or finds the work done. (Later stages join the
 # demo as they land; see docs/pipeline.md.)
 demo: $(STAMP)
@@ -27,6 +28,7 @@ demo: $(STAMP)
 	$(BIN)/recap finetune-captioner style=ssc $(DEMO_ARGS)
 	$(BIN)/recap finetune-captioner style=dsc $(DEMO_ARGS)
 	$(BIN)/recap evaluate-captioner $(DEMO_ARGS)
+	$(BIN)/recap recaption $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -35,6 +35,7 @@ BAD_JSON = "bad_json"
 FAULT_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD, DUPLICATE_KEY, MISSING_IMAGE, EMPTY_IMAGE, UNDECODABLE_IMAGE,
                  MISSING_CAPTION, EMPTY_CAPTION, BAD_JSON)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 
 
 class DataError(RuntimeError):
@@ -56,7 +57,7 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for item in specs:
         for url in expand_urls(item):
-            if _is_local(url) and Path(url).is_dir():
+            if is_local(url) and Path(url).is_dir():
                 found = [str(p) for p in sorted(Path(url).glob("*.tar")) if p.is_file()]
                 if not found:
                     raise NoShardsError(f"shard directory {url} has no .tar files")
@@ -65,7 +66,7 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
                 urls.append(url)
     if not urls:
         raise NoShardsError(f"no shards found in {spec!r}")
-    missing = [u for u in urls if _is_local(u) and not Path(u).exists()]
+    missing = [u for u in urls if is_local(u) and not Path(u).exists()]
     if missing:
         first = missing[0]
         if len(urls) == 1 and not Path(first).suffix:  # meant as a directory of shards
@@ -74,7 +75,7 @@ def list_shards(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
@@ -90,7 +91,7 @@ def shard_name(url: str) -> str:
 
 def open_shard(url: str) -> IO[bytes]:
     """A readable binary stream: local files directly, everything else through webdataset's gopen."""
-    if _is_local(url):
+    if is_local(url):
         return open(url, "rb")
     from webdataset.gopen import gopen
 
@@ -111,12 +112,15 @@ class RawSample:
     fault: str | None = None
 
 
-def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None) -> Iterator[RawSample | str]:
+def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None, *,
+                     report_cut: bool = False) -> Iterator[RawSample | str]:
     """Group a tar stream's members into samples (consecutive members with the same key).
 
     Yields RawSample for each group, then the string TRUNCATED_TAR if the tar ends early.
     Groups whose key appeared earlier in the shard, or that hold the same member twice, come
     with ``fault=DUPLICATE_KEY`` (the first occurrence is kept). ``seen_keys`` is filled in.
+    With ``report_cut``, the group open at a cut (complete or not: it cannot be told) is
+    yielded with ``fault=TRUNCATED_TAR`` before the string, so its key can be accounted for.
     """
     seen = set() if seen_keys is None else seen_keys
     current: RawSample | None = None
@@ -136,12 +140,15 @@ def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None) -> It
                 yield current  # complete: a member of another sample follows it
                 offset += 1
             if data is None:  # this member's data is cut off; _tar_members raises next
-                current = None
+                current = RawSample(key, {}, offset, TRUNCATED_TAR)
                 continue
             current = RawSample(key, {ext: data}, offset, DUPLICATE_KEY if key in seen else None)
             seen.add(key)
     except (tarfile.TarError, EOFError, OSError, ValueError):
         # A cut-off shard: the partial group at the cut is lost with the rest of the shard.
+        if report_cut and current is not None:
+            current.fault = TRUNCATED_TAR
+            yield current
         yield TRUNCATED_TAR
         return
     if current is not None:
@@ -219,7 +226,9 @@ def decode_image(data: bytes) -> Any:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(str(exc) or type(exc).__name__) from None
+        # PIL names the buffer object (with its address); keep the reason stable across runs.
+        reason = _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
+        raise ValueError(reason) from None
 
 
 class AtomicShardWriter:

@@ -29,6 +29,7 @@ from data_pipeline import shard_io
 from data_pipeline.options import ReaderOptions
 from data_pipeline.samples import SampleSpec, decode_sample
 from data_pipeline.seeding import derive_seed
+from data_pipeline.workers import die_with_parent
 
 STATE_VERSION = 1
 MAX_FAULT_EXAMPLES = 5
@@ -226,6 +227,8 @@ def _seed_worker(worker_id: int) -> None:
     """Seed a worker's global generators from (seed, rank, logical worker): the same worker
     stream gets the same seeds after a resume rotates the physical workers."""
     import random
+
+    die_with_parent()
 
     ds: ShardStreams = get_worker_info().dataset
     seed = derive_seed(ds.seed, ds.rank, (worker_id + ds.rotation) % ds.workers)

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from safetensors.torch import load_model, save_model
@@ -75,6 +76,35 @@ def image_transform(model: open_clip.CoCa) -> Any:
     size = model.visual.image_size
     return open_clip.image_transform(size, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
                                      std=open_clip.OPENAI_DATASET_STD, resize_mode="squash")
+
+
+class SplitImageTransform:
+    """`image_transform` cut in two for batched inference, with bit-identical results:
+    ``pixels(pil)`` resizes on the CPU (in a DataLoader worker) to a uint8 (3, S, S) tensor, a
+    quarter of the float bytes to pass between processes and to the device, and
+    ``normalize(batch)`` scales and normalises a (B, 3, S, S) uint8 batch on its device in one go.
+    open_clip's Compose pays torch's per-call overhead on every image instead (about 1 ms each).
+    """
+
+    def __init__(self, model: open_clip.CoCa) -> None:
+        self.size = tuple(model.visual.image_size)
+        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        from PIL import Image
+
+        resized = image.resize(self.size[::-1], Image.Resampling.BICUBIC).convert("RGB")  # as Resize, then RGB
+        return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        # The same elementwise ops as ToTensor + Normalize, so the same floats.
+        x = batch.to(torch.get_default_dtype()).div(255)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+    def key(self) -> tuple:
+        """Equal for captioners that preprocess alike (they share the pixels)."""
+        return (self.size, tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
 
 
 def tokenizer(model: open_clip.CoCa) -> Any:

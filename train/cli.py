@@ -27,6 +27,7 @@ class Stage:
     module: str  # imported lazily: `recap --help` stays fast
     summary: str
     batch_section: str | None = None  # config section with global/micro batch sizes, checked before launch
+    precheck: bool = False  # the module's `check(cfg)` validates arguments before launch (exit 2)
 
 
 # The stage table is the CLI's dispatch, nothing more: each module has `run(cfg, run_dir)`.
@@ -40,6 +41,8 @@ STAGES: dict[str, Stage] = {
                      "(caption.input=PATH)."),
     "evaluate-captioner": Stage("train.evaluate_captioner", "Score alt-text, SSC and DSC captions on held-out toy "
                                 "samples: attribute precision/recall."),
+    "recaption": Stage("train.recaption", "Write SSC and DSC captions into every training shard (distributed, "
+                       "resumable, exactly-once).", precheck=True),
     "train-vae": Stage("train.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder.",
                        batch_section="train_vae"),
 }
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         overrides, flags = _split_args(rest)
+        from launch.torchrun import inside_torchrun
         from train.config_loading import check_overrides, sweep_keys
 
         swept = sweep_keys(overrides)
@@ -220,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         experiment = check_overrides(overrides)
         launcher = experiment.launcher
         _check_batch_for_world(STAGES[name], experiment)
+        if STAGES[name].precheck and not inside_torchrun() and not swept:  # sweep points check themselves
+            importlib.import_module(STAGES[name].module).check(experiment)
     except ConfigError as exc:
         return _fail(name, str(exc), EXIT_USAGE)
 
-    from launch.torchrun import inside_torchrun, torchrun_command
+    from launch.torchrun import torchrun_command
 
     multirun = bool(_MULTIRUN_FLAGS & set(flags))
     if launcher.kind == "torchrun" and not inside_torchrun() and not multirun:  # sweeps launch per point

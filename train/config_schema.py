@@ -334,6 +334,30 @@ class EvaluateCaptionerConfig:
             raise ConfigError("samples", f"must be >= 1 or null, got {self.samples}")
 
 
+@dataclass(frozen=True)
+class RecaptionConfig:
+    """`recap recaption`: write each caption key's captioner output into every input shard."""
+
+    input: str  # shards: a directory of .tar files, a brace pattern, pipe: commands
+    output: str  # a directory; one shard per input shard, same name
+    captioners: dict[str, str]  # caption key -> exported captioner directory
+    keys: list[str] = field(default_factory=lambda: ["ssc", "dsc"])  # which captioners run, in order
+    batch_size: int = 32
+    num_workers: int = 2  # DataLoader workers decoding and preprocessing images
+    only_failures: bool = False  # redo only the keys listed as failures of done shards
+    rank: int | None = None  # null: from torchrun (RANK) or a Slurm array (SLURM_ARRAY_TASK_ID)
+    world_size: int | None = None
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", f"must be >= 0, got {self.num_workers}")
+        if not self.keys:
+            raise ConfigError("keys", "must name at least one caption key")
+
+
 def check_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
     """Gradient-accumulation steps for a global batch; ConfigError when it does not divide."""
     if micro_batch < 1 or global_batch < 1:
@@ -371,6 +395,7 @@ class ExperimentConfig:
     finetune_captioner: FinetuneCaptionerConfig
     caption: CaptionConfig
     evaluate_captioner: EvaluateCaptionerConfig
+    recaption: RecaptionConfig
 
     def validate(self) -> None:
         # Caught here, before `recap` starts torchrun, rather than in every worker (train/runtime.py).

@@ -29,8 +29,9 @@ class _RedactingFormatter(logging.Formatter):
         return redact_text(super().format(record))
 
 
-def setup_logging(run_dir: Path, stage: str, rank: int = 0) -> logging.Logger:
-    """Log to ``run_dir/logs/<stage>.rank<rank>.log`` (all ranks) and to stderr (rank 0)."""
+def setup_logging(run_dir: Path, stage: str, rank: int = 0, console: bool | None = None) -> logging.Logger:
+    """Log to ``run_dir/logs/<stage>.rank<rank>.log`` (all ranks) and to stderr (rank 0, or as
+    ``console`` says: independent processes such as Slurm array tasks each have their own)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("recap")
@@ -42,10 +43,10 @@ def setup_logging(run_dir: Path, stage: str, rank: int = 0) -> logging.Logger:
     file_handler = logging.FileHandler(logs / f"{stage}.rank{rank}.log")
     file_handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(file_handler)
-    if rank == 0:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(_RedactingFormatter(f"[{stage}] %(message)s"))
-        root.addHandler(console)
+    if rank == 0 if console is None else console:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(_RedactingFormatter(f"[{stage}] %(message)s"))
+        root.addHandler(stream)
     return root
 
 
@@ -138,10 +139,10 @@ def _wandb_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
-def finish_stage(run_dir: Path, stage: str, summary: dict[str, Any]) -> None:
-    """Print the stage summary and write ``run_dir/summary.json`` (redacted)."""
+def finish_stage(run_dir: Path, stage: str, summary: dict[str, Any], filename: str = "summary.json") -> None:
+    """Print the stage summary and write it to ``run_dir/<filename>`` (redacted)."""
     summary = redact_tree(summary)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (run_dir / filename).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     lines = [f"== {stage} summary =="] + [f"  {k}: {json.dumps(v)}" for k, v in summary.items()]
     log.info("\n".join(lines))

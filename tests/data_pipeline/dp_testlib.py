@@ -16,6 +16,9 @@ from typing import Any
 from PIL import Image
 
 from data_pipeline.ground_truth import GroundTruthAccess
+from data_pipeline.shard_io import (
+    BAD_JSON, DUPLICATE_KEY, EMPTY_IMAGE, MISSING_IMAGE, TRUNCATED_TAR, UNDECODABLE_IMAGE,
+)
 from data_pipeline.options import ReaderOptions
 from data_pipeline.samples import SampleSpec
 from data_pipeline.shard_reader import ShardReader
@@ -115,3 +118,29 @@ def raw_metadata(shard_dir: Path) -> dict[str, dict[str, Any]]:
             if name.endswith(".json"):
                 out[name.split(".", 1)[0]] = json.loads(data)
     return out
+
+
+def fault_members() -> list[tuple[str, bytes]]:
+    """One sample of every failure kind between good ones (k0, k3, k6, k7), as tar members."""
+    return [
+        *good_members("k0"),
+        ("k1.jpg", b"\xff\xd8 not really a jpeg"), ("k1.txt", b"garbage"),
+        ("k2.jpg", b""), ("k2.txt", b"zero bytes"),
+        *good_members("k3"),
+        ("k0.txt", b"the same key again"),
+        ("k4.txt", b"no image at all"),
+        ("k5.jpg", jpeg_bytes()), ("k5.json", b"[1, 2"),
+        *good_members("k6"),
+        *good_members("k7"),
+    ]
+
+
+def fault_shard(path: Path) -> tuple[Path, dict[str, str]]:
+    """`fault_members` in a shard cut inside its last sample's image. Returns it and {key: reason}
+    of the expected failures (k0's duplicate group included)."""
+    full = write_tar(path.with_suffix(".full"), fault_members())
+    k7_jpg = next(m for m in member_layout(full) if m.name == "k7.jpg")
+    path.write_bytes(full.read_bytes()[: k7_jpg.offset_data + 40])  # cut inside k7.jpg's data
+    full.unlink()
+    return path, {"k1": UNDECODABLE_IMAGE, "k2": EMPTY_IMAGE, "k0": DUPLICATE_KEY,
+                  "k4": MISSING_IMAGE, "k5": BAD_JSON, "k7": TRUNCATED_TAR}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -136,3 +137,20 @@ def test_gradient_checkpointing_keeps_loss_and_gradients() -> None:
     assert plain_grads.keys() == ckpt_grads.keys()
     for name in plain_grads:
         torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK"])
+def test_split_transform_equals_open_clips_bit_for_bit(mode: str) -> None:
+    """pixels() in a worker + normalize() on the batch == image_transform(model) per image."""
+    from PIL import Image
+
+    from models.captioner import SplitImageTransform, image_transform
+
+    model = build_captioner("coca_ViT-B-32", ARCH)
+    split, reference = SplitImageTransform(model), image_transform(model)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+              for h, w in [(37, 91), (32, 32), (300, 20), (7, 7)]]
+    pixels = torch.stack([split.pixels(img) for img in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 32, 32)
+    assert torch.equal(split.normalize(pixels), torch.stack([reference(img) for img in images]))

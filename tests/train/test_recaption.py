@@ -1,0 +1,231 @@
+"""`recap recaption` through the CLI: outputs, exactly-once under SIGKILL, rank splits, bad
+arguments, failures and their retry. Captioners are tiny random CoCas exported in open_clip's
+format; captions are short (max_length 10) since their content is not under test here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipeline import recaption as rc
+from data_pipeline.ground_truth import GroundTruthAccess
+from data_pipeline.options import ReaderOptions
+from data_pipeline.samples import SampleSpec
+from data_pipeline.shard_reader import ShardReader
+from models.caption_decoding import decode_text, generate_tokens
+from models.captioner import build_captioner, export_captioner, image_transform, load_exported, tokenizer
+from models.decoding_options import DecodingOptions
+from tests.data_pipeline.dp_testlib import fault_members, fault_shard, jpeg_bytes, read_members, write_tar
+from tests.helpers import TINY_COCA, run_recap
+from train.typed_config import ConfigError
+
+pytestmark = pytest.mark.slow
+TOY_SHARDS, TOY_SAMPLES = 8, 16  # tests/conftest.py SMALL_TOY
+FAULTS = {"bad_json": 1, "duplicate_key": 1, "empty_image": 1, "missing_image": 1, "truncated_tar": 1,
+          "undecodable_image": 1}
+TIMING = ("seconds", "images_per_s")
+
+
+class Setup:
+    def __init__(self, root: Path, toy_data: Path) -> None:
+        self.root, self.input = root, root / "input"
+        shutil.copytree(toy_data / "train", self.input)
+        fault_shard(self.input / "fault.tar")
+        self.captioners = {}
+        for seed, key in enumerate(["ssc", "dsc"]):
+            torch.manual_seed(seed)
+            path = export_captioner(build_captioner("coca_ViT-B-32", TINY_COCA), TINY_COCA, root / key / "captioner",
+                                    "coca_ViT-B-32")
+            self.captioners[key] = path
+
+    def args(self, output: Path, *extra: str) -> list[str]:
+        return ["recaption", f"run.root={self.root / 'runs'}", f"recaption.input={self.input}",
+                f"recaption.output={output}", *(f"recaption.captioners.{k}={p}" for k, p in self.captioners.items()),
+                "recaption.batch_size=8", "recaption.num_workers=2", "recaption.decoding.max_length=10",
+                "logger.progress=false", "logger.wandb.mode=disabled", *extra]
+
+    def run(self, output: Path, *extra: str, env: dict[str, str] | None = None, code: int = 0) -> str:
+        """The CLI in a subprocess (for kills, torchrun and exit codes)."""
+        result = run_recap(self.args(output, *extra), env=env)
+        assert result.returncode == code, result.stderr[-3000:]
+        return result.stderr
+
+    def run_here(self, output: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
+        """The stage in this process (no interpreter start-up): its summary."""
+        from train.config_loading import check_overrides
+        from train.recaption import run
+
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            return run(check_overrides(self.args(output, *extra)[1:]), self.root / "runs" / "toy" / "recaption")
+
+
+@pytest.fixture(scope="module")
+def setup(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    return Setup(tmp_path_factory.mktemp("recaption"), toy_data)
+
+
+@pytest.fixture(scope="module")
+def reference(setup: Setup) -> Path:
+    """An uninterrupted single-process run."""
+    out = setup.root / "reference"
+    setup.run_here(out)
+    return out
+
+
+def _summary(setup: Setup, name: str = "summary.json") -> dict:
+    return json.loads((setup.root / "runs" / "toy" / "recaption" / name).read_text())
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def _stats(out: Path) -> dict[str, dict]:
+    return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in TIMING}
+            for p in sorted(out.glob(f"*{rc.STATS_SUFFIX}"))}
+
+
+def test_outputs_keep_every_member_and_add_captions_with_lineage(setup: Setup, reference: Path) -> None:
+    summary = _summary(setup)
+    assert (summary["shards_written"], summary["images_captioned"]) == (TOY_SHARDS + 1, TOY_SHARDS * TOY_SAMPLES + 3)
+    assert summary["failures_by_reason"] == FAULTS
+    sha = {k: hashlib.sha256((p / "open_clip_model.safetensors").read_bytes()).hexdigest()
+           for k, p in setup.captioners.items()}
+    for shard in sorted(setup.input.glob("0*.tar")):
+        given, out = dict(read_members(shard)), dict(read_members(reference / shard.name))
+        keys = {name.split(".", 1)[0] for name in given}
+        assert len(keys) == TOY_SAMPLES
+        assert set(out) == set(given) | {f"{k}.{c}.txt" for k in keys for c in ("ssc", "dsc")}
+        for name, data in given.items():
+            if name.endswith(".json"):
+                meta = json.loads(out[name])
+                lineage = meta.pop("recaption")
+                assert meta == json.loads(data)
+                assert {k: v["captioner_sha256"] for k, v in lineage.items()} == sha
+                assert lineage["dsc"]["decoding"]["max_length"] == 10
+            else:
+                assert out[name] == data, name  # byte-for-byte
+        stats = rc.read_stats(reference / shard.name)
+        assert (stats["input_samples"], stats["written"], stats["failures"]) == (TOY_SAMPLES, TOY_SAMPLES, [])
+    fault = rc.read_stats(reference / "fault.tar")
+    assert fault["failures_by_reason"] == FAULTS and rc.output_keys(reference / "fault.tar") == {"k0", "k3", "k6"}
+    assert {f["key"]: f["reason"] for f in fault["failures"]} == fault_shard(setup.root / "again.tar")[1]
+
+
+def test_captions_equal_the_decoder_on_the_same_batch(setup: Setup, reference: Path) -> None:
+    """The first batch of shard 0 (8 images), captioned directly: the same text, member by member."""
+    from data_pipeline.shard_io import decode_image
+
+    members = read_members(setup.input / "00000.tar")
+    keys = sorted({name.split(".", 1)[0] for name, _ in members})[:8]
+    images = {name.split(".", 1)[0]: decode_image(data) for name, data in members if name.endswith(".jpg")}
+    out = dict(read_members(reference / "00000.tar"))
+    for key_name, path in setup.captioners.items():
+        model = load_exported(path).eval()
+        batch = torch.stack([image_transform(model)(images[k]) for k in keys])
+        with torch.inference_mode():
+            ids = generate_tokens(model, batch, DecodingOptions(max_length=10))
+        assert [decode_text(t, tokenizer(model)) for t in ids] == [out[f"{k}.{key_name}.txt"].decode() for k in keys]
+
+
+def test_outputs_read_back_with_webdataset_and_our_reader(setup: Setup, reference: Path) -> None:
+    urls = [str(p) for p in sorted(reference.glob("*.tar"))]
+    plain = {s["__key__"]: s["dsc.txt"].decode() for s in wds.WebDataset(urls, shardshuffle=False)}
+    assert len(plain) == TOY_SHARDS * TOY_SAMPLES + 3  # + k0, k3, k6 of fault.tar
+    reader = ShardReader(urls, spec=SampleSpec(GroundTruthAccess.NONE, captions=("dsc.txt", "ssc.txt")),
+                         options=ReaderOptions(num_workers=0), batch_size=16, seed=0, epochs=1, collate=list)
+    ours = {s["__key__"]: s["dsc.txt"] for batch in reader for s in batch}
+    assert len(ours) == TOY_SHARDS * TOY_SAMPLES + 3 and reader.fault_counts() == {}
+    assert ours == plain
+
+
+def test_sigkill_anywhere_then_rerun_is_byte_identical_and_a_third_run_does_nothing(setup: Setup,
+                                                                                     reference: Path) -> None:
+    out = setup.root / "killed"
+    setup.run(out, env={"RECAP_FAULT": "sigkill@recaption_batch=5"}, code=-9)  # mid-shard
+    assert list(out.glob(".*.partial")) and len(list(out.glob(f"*{rc.STATS_SUFFIX}"))) < TOY_SHARDS + 1
+    setup.run(out, env={"RECAP_FAULT": "sigkill@recaption_shard=1"}, code=-9)  # renamed, stats not yet written
+    done_before = len(list(out.glob(f"*{rc.STATS_SUFFIX}")))
+    assert len(list(out.glob("*.tar"))) == done_before + 1
+    setup.run(out)
+    assert _summary(setup)["shards_written"] == TOY_SHARDS + 1 - done_before
+    assert _shards(out) == _shards(reference) and _stats(out) == _stats(reference)
+    assert not list(out.glob(".*.partial"))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    summary = setup.run_here(out)
+    assert (summary["shards_written"], summary["shards_already_done"], summary["images_captioned"]) == (0, 9, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_slurm_array_and_torchrun_splits_cover_every_shard_once(setup: Setup, reference: Path) -> None:
+    array = setup.root / "array"
+    for task in range(3):
+        summary = setup.run_here(array, env={"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3"})
+        assert (summary["rank"], summary["world_size"], summary["shards_written"]) == (task, 3, 3)
+        assert _summary(setup, f"summary.rank{task}.json") == json.loads(json.dumps(summary))
+    assert _shards(array) == _shards(reference)
+    assert {n: {k: v for k, v in s.items() if k not in ("rank", "world_size")} for n, s in _stats(array).items()} \
+        == {n: {k: v for k, v in s.items() if k not in ("rank", "world_size")} for n, s in _stats(reference).items()}
+    torchrun = setup.root / "torchrun"
+    setup.run(torchrun, "launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp")
+    assert [_summary(setup, f"summary.rank{r}.json")["shards_written"] for r in range(2)] == [5, 4]
+    assert _shards(torchrun) == _shards(reference)
+    assert {s["rank"] for s in _stats(torchrun).values()} == {0, 1}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("recaption.input={root}/nowhere", r"recaption.input: shard directory .*nowhere does not exist"),
+    ("recaption.output={input}", r"recaption.output: .* holds the input shards"),
+    ("recaption.keys=[ssc,long]", r"recaption.keys: unknown caption key 'long'; keys with a captioner: ssc, dsc"),
+    ("recaption.keys=[json] +recaption.captioners.json={root}/ssc/captioner", r"recaption.keys: 'json' cannot be a caption key"),
+    ("recaption.keys=[gt_dsc] +recaption.captioners.gt_dsc={root}/dsc/captioner", r"'gt_dsc' cannot be a caption key"),
+    ("recaption.captioners.dsc={root}/missing", r"recaption.captioners.dsc: .*missing is not an exported captioner"),
+    ("recaption.rank=1", r"recaption.rank: set both rank and world_size, or neither"),
+])
+def test_bad_arguments_are_refused_before_any_work(setup: Setup, override: str, message: str) -> None:
+    from train.config_loading import check_overrides
+    from train.recaption import check
+
+    out = setup.root / "never"
+    cfg = check_overrides([*setup.args(out)[1:], *override.format(root=setup.root, input=setup.input).split()])
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)
+    assert not out.exists()
+
+
+def test_a_bad_argument_exits_2_with_one_line_before_torchrun_starts(setup: Setup) -> None:
+    out = setup.root / "never"
+    result = run_recap([*setup.args(out), "recaption.keys=[ssc,long]", "launcher=torchrun",
+                        "launcher.nproc_per_node=2", "runtime=ddp"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["recap recaption: error: recaption.keys: unknown caption key 'long'; "
+                                                  "keys with a captioner: ssc, dsc (add one: +recaption.captioners.long=DIR)"]
+    assert not out.exists()
+
+
+def test_only_failures_redoes_just_the_failed_keys(setup: Setup, reference: Path, tmp_path: Path) -> None:
+    """After the input shard is re-fetched whole with k1's image repaired, only k1 and k7 (cut
+    off before) are captioned; what was written is copied byte-for-byte."""
+    fixed_input, out = tmp_path / "input", tmp_path / "out"
+    write_tar(fixed_input / "fault.tar", [(n, jpeg_bytes() if n == "k1.jpg" else d) for n, d in fault_members()])
+    out.mkdir()
+    for name in ("fault.tar", "fault" + rc.STATS_SUFFIX):
+        shutil.copy(reference / name, out / name)
+    before = dict(read_members(out / "fault.tar"))
+    setup.run_here(out, f"recaption.input={fixed_input}", "recaption.only_failures=true")
+    stats = rc.read_stats(out / "fault.tar")
+    assert (stats["copied_from_previous"], stats["captioned"], stats["input_samples"]) == (3, 2, 9)
+    assert stats["failures_by_reason"] == {"bad_json": 1, "duplicate_key": 1, "empty_image": 1, "missing_image": 1}
+    after = read_members(out / "fault.tar")
+    assert [n for n, _ in after if n.endswith(".jpg")] == ["k0.jpg", "k1.jpg", "k3.jpg", "k6.jpg", "k7.jpg"]
+    assert all(before[n] == d for n, d in after if n[:2] not in ("k1", "k7"))  # copied byte-for-byte
+    assert dict(after)["k1.dsc.txt"] and dict(after)["k7.ssc.txt"]
+    assert setup.run_here(out, f"recaption.input={fixed_input}")["shards_written"] == 0  # done: nothing to redo

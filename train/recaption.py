@@ -1,0 +1,247 @@
+"""`recap recaption`: write SSC and DSC captions into every training shard (stage 2).
+
+Each process (torchrun rank or Slurm array task) takes every world_size-th input shard, skips
+those already done, and writes one output shard per input shard: the input's members
+byte-for-byte, one ``KEY.<caption key>.txt`` per captioner, and the caption lineage in
+``KEY.json``. Images are decoded and preprocessed in DataLoader workers; the captioners run
+batched with the KV-cached decoder (bf16 on GPU). See data_pipeline/recaption.py for the
+exactly-once protocol and docs/recaption.md for the commands.
+
+Reads: recaption, runtime.device / runtime.precision, logger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from data_pipeline import recaption as shards
+from data_pipeline.ground_truth import is_ground_truth_member
+from data_pipeline.shard_io import IMAGE_EXTENSIONS, NoShardsError, is_local, list_shards, shard_name
+from launch.ranks import RankError, job_rank_and_world
+from train.fault_injection import maybe_fail
+from train.config_schema import ExperimentConfig, RecaptionConfig
+from train.typed_config import ConfigError
+
+log = logging.getLogger("recap.recaption")
+CAPTION_KEY = re.compile(r"[a-z][a-z0-9_]*")
+RESERVED_KEYS = {*IMAGE_EXTENSIONS, "json", "txt", "cls", "npy"}  # members an input sample already has
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def output_name(url: str) -> str:
+    """The output shard's file name: the input's (``00042.tar``; a pipe: command's shard)."""
+    return shard_name(url).removeprefix("pipe:")
+
+
+def _input_shards(r: RecaptionConfig) -> list[str]:
+    try:
+        urls = list_shards(r.input)
+    except NoShardsError as exc:
+        raise ConfigError("recaption.input", str(exc)) from None
+    names = Counter(output_name(u) for u in urls)
+    clash = [n for n, c in names.items() if c > 1]
+    if clash:
+        raise ConfigError("recaption.input", f"{len(clash)} input shards share a file name (e.g. {clash[0]}); "
+                          "each output shard is named after its input")
+    return urls
+
+
+def check(cfg: ExperimentConfig) -> list[str]:
+    """Validate the arguments before any work starts; returns the input shard URLs.
+
+    Raises ConfigError (exit code 2) for missing input, an output directory that holds input
+    shards, an unknown or invalid caption key, and a missing captioner export.
+    """
+    r = cfg.recaption
+    urls = _input_shards(r)
+    out = Path(r.output).resolve()
+    if any(is_local(u) and Path(u).resolve().parent == out for u in urls):
+        raise ConfigError("recaption.output", f"{r.output} holds the input shards; write to another directory "
+                          "(input shards are never modified)")
+    for key in r.keys:
+        if key not in r.captioners:
+            raise ConfigError("recaption.keys", f"unknown caption key '{key}'; keys with a captioner: "
+                              f"{', '.join(r.captioners) or '(none)'} (add one: +recaption.captioners.{key}=DIR)")
+        if not CAPTION_KEY.fullmatch(key) or key in RESERVED_KEYS or is_ground_truth_member(key):
+            raise ConfigError("recaption.keys", f"'{key}' cannot be a caption key: use lowercase letters, digits "
+                              f"and _, not an existing member name ({', '.join(sorted(RESERVED_KEYS))}) or gt_*")
+        captioner = Path(r.captioners[key])
+        if not (captioner / WEIGHTS_FILE).is_file():
+            raise ConfigError(f"recaption.captioners.{key}", f"{captioner} is not an exported captioner (no "
+                              f"{WEIGHTS_FILE}); run `recap finetune-captioner style={key}` first, or point it at one")
+    try:
+        job_rank_and_world(r.rank, r.world_size)
+    except RankError as exc:
+        raise ConfigError("recaption.rank", str(exc)) from None
+    return urls
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tasks(r: RecaptionConfig, urls: list[str], rank: int, world: int) -> tuple[list[shards.ShardTask], int]:
+    """This rank's shards still to do, and how many of its shards were already done."""
+    todo, done = [], 0
+    out_dir = Path(r.output)
+    for index in shards.assign_shards(len(urls), rank, world):
+        output = out_dir / output_name(urls[index])
+        stats = shards.read_stats(output)
+        if stats is None:
+            todo.append(shards.ShardTask(index, urls[index], output))
+        elif r.only_failures and stats["failures"]:
+            todo.append(shards.ShardTask(index, urls[index], output, frozenset(shards.output_keys(output)), output))
+        else:
+            done += 1
+    return todo, done
+
+
+class _Captioners:
+    """The configured captioners on one device; captions a batch for every key."""
+
+    def __init__(self, cfg: ExperimentConfig, device: Any, bf16: bool) -> None:
+        import torch
+
+        from models.captioner import SplitImageTransform, load_exported, tokenizer
+
+        r = cfg.recaption
+        self.device, self.decoding, self.keys = device, r.decoding, list(r.keys)
+        self.models, self.tokenizers, self.splits, self.transform_of, self.transforms = {}, {}, {}, {}, {}
+        self.lineage: dict[str, Any] = {}
+        for key in self.keys:
+            path = Path(r.captioners[key])
+            model = load_exported(path).to(device).eval()
+            self.models[key], self.tokenizers[key] = model, tokenizer(model)
+            split = SplitImageTransform(model)  # resize in the workers, normalise batched on the device
+            name = repr(split.key())  # captioners with the same preprocessing share the pixels
+            self.transforms.setdefault(name, split.pixels)
+            self.splits[key], self.transform_of[key] = split, name
+            self.lineage[key] = {"captioner": path.name if path.name != "captioner" else path.parent.name,
+                                 "captioner_sha256": _sha256(path / WEIGHTS_FILE),
+                                 "decoding": dataclasses.asdict(r.decoding)}
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.tokens = 0
+
+    def __call__(self, batch: shards.ShardBatch) -> list[dict[str, str]]:
+        """{caption key: text} per sample of the batch, in order."""
+        import torch
+
+        from data_pipeline.seeding import derive_seed
+        from models.caption_decoding import decode_text, generate_tokens
+
+        out: list[dict[str, str]] = [{} for _ in batch.samples]
+        if not batch.samples:
+            return out
+        # Sampling is seeded per (shard, batch): a shard's captions do not depend on which other
+        # shards ran, or on a restart.
+        shard_seed = int.from_bytes(hashlib.sha256(batch.task.output.name.encode()).digest()[:8], "little")
+        options = dataclasses.replace(self.decoding, seed=derive_seed(self.decoding.seed, shard_seed, batch.number))
+        for key in self.keys:
+            pixels = batch.images[self.transform_of[key]].to(self.device, non_blocking=True)
+            with torch.inference_mode(), self.autocast:
+                ids = generate_tokens(self.models[key], self.splits[key].normalize(pixels), options)
+            for row, tokens in zip(out, ids, strict=True):
+                row[key] = decode_text(tokens, self.tokenizers[key])
+                self.tokens += len(tokens)
+        return out
+
+
+def _placement(cfg: ExperimentConfig) -> tuple[Any, bool]:
+    """(device, bf16) for inference: this process's GPU when there is one, else the CPU."""
+    import torch
+
+    use_cuda = torch.cuda.is_available() and cfg.runtime.device != "cpu"
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device", "cuda requested but no GPU is visible; use runtime.device=auto or cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    bf16 = use_cuda and cfg.runtime.precision in ("auto", "bf16")
+    return device, bf16
+
+
+def _expected_images(tasks: list[shards.ShardTask]) -> int | None:
+    """Samples in the shards to do, from their img2dataset stats files (None when unknown)."""
+    counts = [shards.expected_samples(t.url) for t in tasks]
+    return sum(counts) if all(isinstance(c, int) for c in counts) else None  # type: ignore[misc]
+
+
+def _write_shards(tasks: list[shards.ShardTask], captioners: _Captioners, r: RecaptionConfig, *, rank: int,
+                  world: int, bar: Any) -> tuple[Counter, Counter]:
+    """Caption and write every task's shard; returns (totals, failures by reason)."""
+    open_shards: dict[int, shards.ShardOutput] = {}
+    totals: Counter = Counter()
+    reasons: Counter = Counter()
+    written = 0  # batches written (a failpoint counter)
+    loader = shards.batch_loader(tasks, captioners.transforms, batch_size=r.batch_size, num_workers=r.num_workers)
+    try:
+        for batch in loader:  # batches of several shards interleave; each shard's come in order
+            if batch.task.index not in open_shards:
+                open_shards[batch.task.index] = shards.ShardOutput(batch.task)
+            output = open_shards[batch.task.index]
+            captions = captioners(batch)
+            output.add(batch, [shards.with_lineage(members, text, captioners.lineage)
+                               for (_, members), text in zip(batch.samples, captions, strict=True)])
+            bar.update(len(batch.samples) + len(batch.copied))
+            written += 1
+            maybe_fail(rank=rank, recaption_batch=written)
+            if batch.last:
+                output.commit_shard()
+                maybe_fail(rank=rank, recaption_shard=totals["shards"] + 1)
+                stats = output.write_stats(batch, {"rank": rank, "world_size": world, "captioners": captioners.lineage})
+                del open_shards[batch.task.index]
+                totals.update(shards=1, images=stats["captioned"], copied=stats["copied_from_previous"])
+                reasons.update(stats["failures_by_reason"])
+                bar.set_postfix(shards=f"{totals['shards']}/{len(tasks)}", failed=sum(reasons.values()))
+    finally:
+        for output in open_shards.values():  # an error: leave no partial file behind
+            output.abort()
+        bar.close()
+    return totals, reasons
+
+
+def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Recaption this process's share of the input shards; returns its summary."""
+    from train.run_logging import finish_stage, progress, setup_logging, write_config_snapshot
+
+    urls = check(cfg)
+    r = cfg.recaption
+    rank, world = job_rank_and_world(r.rank, r.world_size)
+    console = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one per node under torchrun; every array task
+    logger = setup_logging(run_dir, "recaption", rank, console=console)
+    if rank == 0:
+        write_config_snapshot(run_dir, cfg)
+    tasks, already_done = _tasks(r, urls, rank, world)
+    device, bf16 = _placement(cfg)
+    captioners = _Captioners(cfg, device, bf16)
+    logger.info("rank %d/%d: %d of %d input shards are mine, %d already done, %d to write (%s, %s)", rank, world,
+                len(tasks) + already_done, len(urls), already_done, len(tasks), device, "bf16" if bf16 else "fp32")
+    Path(r.output).mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    bar = progress(desc=f"recaption r{rank}" if world > 1 else "recaption", unit="img",
+                   total=_expected_images(tasks), enabled=cfg.logger.progress and console)
+    totals, reasons = _write_shards(tasks, captioners, r, rank=rank, world=world, bar=bar)
+    seconds = time.perf_counter() - start
+    summary = {
+        "rank": rank, "world_size": world, "input_shards": len(urls),
+        "shards_mine": len(tasks) + already_done, "shards_written": totals["shards"], "shards_already_done": already_done,
+        "images_captioned": totals["images"], "images_copied": totals["copied"],
+        "failures": sum(reasons.values()), "failures_by_reason": dict(sorted(reasons.items())),
+        "tokens": captioners.tokens, "seconds": round(seconds, 2),
+        "images_per_s": round(totals["images"] / seconds, 2) if totals["images"] else 0.0,
+        "keys": list(r.keys), "output": r.output, "only_failures": r.only_failures,
+    }
+    finish_stage(run_dir, "recaption", summary, filename="summary.json" if world == 1 else f"summary.rank{rank}.json")
+    return summary
