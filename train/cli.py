@@ -43,6 +43,8 @@ STAGES: dict[str, Stage] = {
                                 "samples: attribute precision/recall."),
     "recaption": Stage("train.recaption", "Write SSC and DSC captions into every training shard (distributed, "
                        "resumable, exactly-once).", precheck=True),
+    "train-tokenizer": Stage("train.train_tokenizer", "Fit the toy T5 tokenizer on the recaptioned captions "
+                             "(saved in Hugging Face format)."),
     "train-vae": Stage("train.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder.",
                        batch_section="train_vae"),
 }

@@ -358,6 +358,22 @@ class RecaptionConfig:
             raise ConfigError("keys", "must name at least one caption key")
 
 
+@dataclass(frozen=True)
+class TrainTokenizerConfig:
+    """`recap train-tokenizer`: fit the toy T5 tokenizer (saved at text_encoder.tokenizer)."""
+
+    input: str  # shards whose captions it learns from (recaption's output)
+    keys: list[str] = field(default_factory=lambda: ["txt", "ssc", "dsc"])  # caption keys read
+    vocab_size: int = 1000
+    samples: int | None = None  # read at most this many samples (null: all)
+
+    def validate(self) -> None:
+        if not self.keys:
+            raise ConfigError("keys", "must name at least one caption key")
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError("samples", f"must be >= 1 or null, got {self.samples}")
+
+
 def check_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
     """Gradient-accumulation steps for a global batch; ConfigError when it does not divide."""
     if micro_batch < 1 or global_batch < 1:
@@ -396,6 +412,7 @@ class ExperimentConfig:
     caption: CaptionConfig
     evaluate_captioner: EvaluateCaptionerConfig
     recaption: RecaptionConfig
+    train_tokenizer: TrainTokenizerConfig
 
     def validate(self) -> None:
         # Caught here, before `recap` starts torchrun, rather than in every worker (train/runtime.py).

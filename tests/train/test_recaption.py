@@ -229,3 +229,29 @@ def test_only_failures_redoes_just_the_failed_keys(setup: Setup, reference: Path
     assert all(before[n] == d for n, d in after if n[:2] not in ("k1", "k7"))  # copied byte-for-byte
     assert dict(after)["k1.dsc.txt"] and dict(after)["k7.ssc.txt"]
     assert setup.run_here(out, f"recaption.input={fixed_input}")["shards_written"] == 0  # done: nothing to redo
+
+
+def test_train_tokenizer_learns_from_the_recaptioned_shards(setup: Setup, reference: Path, tmp_path: Path) -> None:
+    """The next stage's consumer: a T5 tokenizer fitted on txt + ssc + dsc of the output shards."""
+    from data_pipeline.caption_tokenizer import load_tokenizer
+    from train.config_loading import check_overrides
+    from train.train_tokenizer import run
+
+    cfg = check_overrides([f"run.root={setup.root / 'runs'}", f"train_tokenizer.input={reference}",
+                           f"text_encoder.tokenizer={tmp_path / 'tok'}", "train_tokenizer.vocab_size=400",
+                           "logger.progress=false", "data.reader.num_workers=0"])
+    summary = run(cfg, tmp_path / "run")
+    texts = {"ssc": [], "dsc": [], "txt": []}
+    for shard in sorted(reference.glob("*.tar")):
+        for name, data in read_members(shard):
+            key = {"ssc.txt": "ssc", "dsc.txt": "dsc", "txt": "txt"}.get(name.split(".", 1)[1])
+            if key and data.decode().strip():
+                texts[key].append(data.decode())
+    assert summary["texts_by_key"] == {k: len(v) for k, v in texts.items() if v}
+    tok = load_tokenizer(tmp_path / "tok")
+    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (0, 1, summary["vocab_size"])
+    caption = texts["txt"][0]
+    assert tok.decode(tok(caption)["input_ids"], skip_special_tokens=True) == caption.strip()
+    pretrained = check_overrides([f"run.root={setup.root / 'runs'}", "text_encoder=t5_xxl"])
+    with pytest.raises(ConfigError, match="brings its own tokenizer"):
+        run(pretrained, tmp_path / "run2")
