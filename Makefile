@@ -19,7 +19,7 @@ install: $(STAMP)
 
 # The embedded default (the toy experiment, CPU, ~10 minutes on 2 cores): synthetic-scenes shards,
 # then stage 1 of the recipe: pretrain the captioner, fine-tune SSC and DSC, score their captions;
-# then stage 2: recaption the training shards with both captioners.
+# then stage 2: recaption the training shards with both captioners, and fit the toy T5 tokenizer.
 # Each stage prints a summary; rerunning resumes or finds the work done. (Later stages join the
 # demo as they land; see docs/pipeline.md.)
 demo: $(STAMP)
@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/recap finetune-captioner style=dsc $(DEMO_ARGS)
 	$(BIN)/recap evaluate-captioner $(DEMO_ARGS)
 	$(BIN)/recap recaption $(DEMO_ARGS)
+	$(BIN)/recap train-tokenizer $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
