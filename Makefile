@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# The embedded default (the toy experiment, CPU, ~10 minutes on 2 cores): synthetic-scenes shards,
+# The embedded default (the toy experiment, CPU, ~13 minutes on 2 cores): synthetic-scenes shards,
 # then stage 1 of the recipe: pretrain the captioner, fine-tune SSC and DSC, score their captions;
 # then stage 2: recaption the training shards with both captioners, and fit the toy T5 tokenizer.
 # Each stage prints a summary; rerunning resumes or finds the work done. (Later stages join the
