@@ -112,12 +112,11 @@ def _tasks(r: RecaptionConfig, urls: list[str], rank: int, world: int) -> tuple[
 class _Captioners:
     """The configured captioners on one device; captions a batch for every key."""
 
-    def __init__(self, cfg: ExperimentConfig, device: Any, bf16: bool) -> None:
+    def __init__(self, r: RecaptionConfig, device: Any, bf16: bool) -> None:
         import torch
 
         from models.captioner import SplitImageTransform, load_exported, tokenizer
 
-        r = cfg.recaption
         self.device, self.decoding, self.keys = device, r.decoding, list(r.keys)
         self.models, self.tokenizers, self.splits, self.transform_of, self.transforms = {}, {}, {}, {}, {}
         self.lineage: dict[str, Any] = {}
@@ -224,7 +223,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         write_config_snapshot(run_dir, cfg)
     tasks, already_done = _tasks(r, urls, rank, world)
     device, bf16 = _placement(cfg)
-    captioners = _Captioners(cfg, device, bf16)
+    captioners = _Captioners(r, device, bf16)
     logger.info("rank %d/%d: %d of %d input shards are mine, %d already done, %d to write (%s, %s)", rank, world,
                 len(tasks) + already_done, len(urls), already_done, len(tasks), device, "bf16" if bf16 else "fp32")
     Path(r.output).mkdir(parents=True, exist_ok=True)
