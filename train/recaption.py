@@ -28,6 +28,7 @@ from data_pipeline.ground_truth import is_ground_truth_member
 from data_pipeline.shard_io import IMAGE_EXTENSIONS, NoShardsError, is_local, list_shards, shard_name
 from launch.ranks import RankError, job_rank_and_world
 from train.fault_injection import maybe_fail
+from train.checkpoint_files import sha256_file
 from train.config_schema import ExperimentConfig, RecaptionConfig
 from train.typed_config import ConfigError
 
@@ -85,14 +86,6 @@ def check(cfg: ExperimentConfig) -> list[str]:
     return urls
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _tasks(r: RecaptionConfig, urls: list[str], rank: int, world: int) -> tuple[list[shards.ShardTask], int]:
     """This rank's shards still to do, and how many of its shards were already done."""
     todo, done = [], 0
@@ -129,7 +122,7 @@ class _Captioners:
             self.transforms.setdefault(name, split.pixels)
             self.splits[key], self.transform_of[key] = split, name
             self.lineage[key] = {"captioner": path.name if path.name != "captioner" else path.parent.name,
-                                 "captioner_sha256": _sha256(path / WEIGHTS_FILE),
+                                 "captioner_sha256": sha256_file(path / WEIGHTS_FILE),
                                  "decoding": dataclasses.asdict(r.decoding)}
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.tokens = 0
