@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
@@ -41,16 +43,24 @@ def encode_captions(t5: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> tor
     return states * mask.unsqueeze(-1).to(states.dtype)
 
 
-class CaptionTransformer(nn.Module):
+class CaptionTransformer(ModelMixin, ConfigMixin):
     """The xf stage: (T5 states (B, T, text_dim), mask (B, T) bool) -> (tokens (B, T, width),
-    pooled (B, pooled_dim))."""
+    pooled (B, pooled_dim)).
 
+    A diffusers ``ModelMixin``/``ConfigMixin`` (still an ``nn.Module``) so that it saves and loads
+    like the UNet and VAE: ``save_pretrained(folder)`` writes config.json + safetensors and
+    ``CaptionTransformer.from_pretrained(folder)`` rebuilds it, offline, as a pipeline component.
+    """
+
+    @register_to_config
     def __init__(self, text_dim: int, width: int, layers: int, heads: int, pooled_dim: int) -> None:
         super().__init__()
         self.proj_in = nn.Linear(text_dim, width)
         layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # Not ``self.layers``: ModelMixin resolves a config key (``layers``, the depth) before a
+        # submodule of the same name, so the stack needs a name of its own.
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm_out = nn.LayerNorm(width)
         self.proj_pooled = nn.Linear(width, pooled_dim)
 
@@ -58,7 +68,7 @@ class CaptionTransformer(nn.Module):
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every caption needs at least one unmasked token (T5 appends </s>)")
         x = self.proj_in(states)  # (B, T, width)
-        x = self.layers(x, src_key_padding_mask=~mask)
+        x = self.blocks(x, src_key_padding_mask=~mask)
         tokens = self.norm_out(x) * mask.unsqueeze(-1).to(x.dtype)  # (B, T, width), zero at padding
         pooled = tokens.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(x.dtype)  # masked mean (B, width)
         return tokens, self.proj_pooled(pooled)

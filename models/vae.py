@@ -52,3 +52,11 @@ class VaeTraining(torch.nn.Module):
 def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
     """1 / std of the posterior means of ``images`` (B, 3, H, W): latents then have unit scale."""
     return float(1.0 / vae.encode(images).latent_dist.mean.std())
+
+
+@torch.no_grad()
+def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> scaled latents (B, C, H/8, W/8): the posterior mean (mode)
+    times the VAE's scaling factor, so that they have about unit variance."""
+    images = pixels.to(vae.dtype) / 127.5 - 1.0  # [-1, 1]
+    return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor

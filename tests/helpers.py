@@ -36,3 +36,39 @@ def logged_losses(run_dir: Path) -> dict[int, list[float]]:
         if "loss" in record:
             out.setdefault(record["step"], []).append(record["loss"])
     return out
+
+
+def write_captioned_shards(src: Path, out: Path) -> Path:
+    """Copy the toy shards in ``src`` to ``out`` adding KEY.ssc.txt / KEY.dsc.txt, written from each
+    scene's ground-truth captions: the layout `recap recaption` produces, without running the
+    captioners (tests of the diffusion side need captions, not captioner quality)."""
+    import io
+    import tarfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(src.glob("*.tar")):
+        with tarfile.open(shard) as tin, tarfile.open(out / shard.name, "w") as tout:
+            members = tin.getmembers()
+            for member in members:
+                data = tin.extractfile(member).read()
+                tout.addfile(member, io.BytesIO(data))
+                if member.name.endswith(".json"):
+                    meta = json.loads(data)
+                    key = member.name[: -len(".json")]
+                    for style in ("ssc", "dsc"):
+                        text = meta[f"gt_{style}"].encode()
+                        info = tarfile.TarInfo(f"{key}.{style}.txt")
+                        info.size = len(text)
+                        tout.addfile(info, io.BytesIO(text))
+        for extra in src.glob(f"{shard.stem}*.json"):  # img2dataset's per-shard stats
+            (out / extra.name).write_bytes(extra.read_bytes())
+    return out
+
+
+def toy_tokenizer(max_tokens: int = 64):
+    """A T5-style tokenizer trained on a small caption-like corpus (seconds)."""
+    from data_pipeline.caption_tokenizer import train_caption_tokenizer
+
+    colours, shapes = ["red", "blue", "green", "orange", "purple"], ["circle", "square", "cross", "star", "heart"]
+    corpus = [f"a large striped {c} {s} in the top left on a beige background" for c in colours for s in shapes]
+    return train_caption_tokenizer(corpus * 4, vocab_size=200, max_tokens=max_tokens)

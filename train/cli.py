@@ -3,7 +3,8 @@
 Every stage composes conf/recap.yaml; overrides are checked before any work starts, and a
 mistake (unknown stage, unknown key, wrong type, bad option) exits with code 2 and one line
 naming the key and the valid choices. Exit codes: 0 done, 1 crash, 2 usage/config error,
-3 data error (too many bad samples, or an unusable checkpoint).
+3 data error (too many bad samples, or an unusable checkpoint), 4 training diverged (a
+non-finite loss under nan_policy=fail, or too many skipped steps in a row).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from train.typed_config import ConfigError, did_you_mean
 
 EXIT_USAGE = 2
 EXIT_DATA = 3
+EXIT_DIVERGED = 4
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ STAGES: dict[str, Stage] = {
                              "(saved in Hugging Face format)."),
     "train-vae": Stage("train.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder.",
                        batch_section="train_vae"),
+    "train-t2i": Stage("train.train_t2i", "Train the T5-conditioned latent diffusion UNet on the recaptioned shards "
+                       "(caption mix, buckets, progressive resolution, EMA); export a diffusers pipeline.", precheck=True),
 }
 _FLAGS_WITH_VALUE = {"--cfg", "-c"}
 _CFG_VALUES = ("job", "hydra", "all")
@@ -171,6 +175,7 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
 
     from data_pipeline.shard_io import DataError
     from train.checkpoint_files import CheckpointError
+    from train.loop import NonFiniteLoss
     from train.config_loading import PRIMARY_CONFIG, conf_dir, experiment_from_omegaconf
 
     failures: list[tuple[int, int]] = []  # (job number, exit code) of failed sweep points
@@ -191,6 +196,8 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
             sys.exit(_fail(name, str(exc), EXIT_USAGE))
         except (DataError, CheckpointError) as exc:
             sys.exit(_fail(name, str(exc), EXIT_DATA))
+        except NonFiniteLoss as exc:
+            sys.exit(_fail(name, str(exc), EXIT_DIVERGED))
 
     job_name = name.replace("-", "_")
     sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={job_name}"]

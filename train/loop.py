@@ -1,12 +1,15 @@
 """The training loop every training stage shares: steps of ``accum`` micro-batches, metrics,
 progress, checkpoints. A stage builds its parts, then calls `train_steps` and exports.
 
-It reads like the algorithm: for each optimizer step, forward/backward each micro-batch, take
-the optimizer step, average the reported losses over micro-batches and ranks, log, checkpoint.
+It reads like the algorithm: for each optimizer step, forward/backward each micro-batch, average
+the reported losses over micro-batches and ranks, take the optimizer step (or, for a non-finite
+loss or gradient, fail or skip it on every rank alike), log, checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,10 +18,11 @@ from typing import Any
 import torch
 
 from train.checkpointing import Checkpointer, TrainState
-from train.fault_injection import maybe_fail
+from train.fault_injection import maybe_fail, poison_loss
 from train.run_logging import MetricsLogger, progress
 from train.runtime import Runtime
 
+log = logging.getLogger("recap")
 
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move tensors in a (nested) tuple/list/dict batch to ``device``."""
@@ -41,6 +45,12 @@ class Schedule:
     checkpoint_every: int
     log_every: int
     show_progress: bool = True
+    nan_policy: str = "fail"  # "fail": stop; "skip": skip the update on every rank
+    max_consecutive_skips: int = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    """A non-finite loss or gradient under nan_policy=fail, or too many skipped steps in a row."""
 
 
 @dataclass
@@ -59,11 +69,16 @@ class Parts:
 
 
 def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], Any], desc: str,
-                after_step: Callable[[TrainState], None] | None = None) -> dict[str, Any]:
+                after_step: Callable[[TrainState], None] | None = None,
+                report: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     """Run optimizer steps until ``schedule.steps``; returns the last losses and the throughput.
 
     ``loss_fn(model, batch)`` returns a loss tensor or a dict with "loss" (other entries are
-    reported). ``after_step(state)`` runs after each optimizer step (EMA updates, samples).
+    reported). ``after_step(state)`` runs after each applied optimizer step (EMA updates);
+    ``report()`` adds metrics at each logged step (called on every rank: it may reduce).
+    A non-finite loss (averaged over ranks, so every rank sees it) or gradient norm (the same on
+    every rank after the all-reduce) fails the run or, under nan_policy=skip, skips the update
+    on every rank; ``state.extra["skipped_steps"]`` counts skips.
     """
     rt, state = parts.runtime, parts.state
     batches: Iterator[Any] = iter(parts.reader)
@@ -76,20 +91,27 @@ def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], 
         micro_losses = []
         for micro in range(schedule.accum):
             batch = to_device(next(batches), rt.device)
-            micro_losses.append(rt.micro_step(parts.model, lambda m: loss_fn(m, batch), last=micro == schedule.accum - 1))
-        grad_norm = rt.optimizer_step(parts.model, parts.optimizer, parts.scheduler)
-        state.step += 1
-        state.samples_seen += schedule.global_batch
-        if after_step is not None:
-            after_step(state)
+            micro_losses.append(rt.micro_step(parts.model, lambda m: poison_loss(loss_fn(m, batch), step=state.step + 1,
+                                                                                 rank=rt.rank),
+                                              last=micro == schedule.accum - 1))
         names = list(micro_losses[0])
         stacked = torch.stack([torch.stack([m[k] for k in names]) for m in micro_losses]).mean(0)  # (parts,)
         last = dict(zip(names, rt.mean(stacked).tolist()))
+        finite = all(map(math.isfinite, last.values()))
+        grad_norm, applied = rt.optimizer_step(parts.model, parts.optimizer, parts.scheduler, skip=not finite)
+        state.step += 1
+        state.samples_seen += schedule.global_batch
+        if not applied:
+            _on_skipped(state, schedule, last, grad_norm, parts)
+        else:
+            state.extra["consecutive_skips"] = 0
+            if after_step is not None:
+                after_step(state)
         rate = (state.step - first_step) * schedule.global_batch / (time.perf_counter() - start)
         if state.step % schedule.log_every == 0 or state.step == schedule.steps:
             faults = {f"skipped/{k}": v for k, v in parts.reader.fault_counts().items()}
             parts.metrics.log(state.step, {**last, "lr": parts.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                           "img_per_s": rate, **faults})
+                                           "img_per_s": rate, **faults, **(report() if report else {})})
         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.1f}")
         bar.update(1)
         if state.step % schedule.checkpoint_every == 0 or state.step == schedule.steps:
@@ -98,7 +120,24 @@ def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], 
         maybe_fail(step=state.step, rank=rt.rank)
     bar.close()
     return {"steps": state.step, "samples_seen": state.samples_seen, "final_losses": last,
-            "img_per_s": round(rate, 2), "skipped_samples": parts.reader.fault_counts()}
+            "img_per_s": round(rate, 2), "skipped_samples": parts.reader.fault_counts(),
+            "skipped_steps": state.extra.get("skipped_steps", 0)}
+
+
+def _on_skipped(state: TrainState, schedule: Schedule, losses: dict[str, float], grad_norm: float | None,
+                parts: Parts) -> None:
+    """Apply the NaN policy to a step whose update was not applied (same on every rank)."""
+    what = f"step {state.step}: loss {losses.get('loss')}, gradient norm {grad_norm}"
+    if schedule.nan_policy == "fail":
+        raise NonFiniteLoss(f"non-finite loss or gradient at {what}; the last checkpoint is intact. Lower the lr, "
+                            "check the data, or set nan_policy=skip")
+    state.extra["skipped_steps"] = state.extra.get("skipped_steps", 0) + 1
+    state.extra["consecutive_skips"] = state.extra.get("consecutive_skips", 0) + 1
+    parts.metrics.event(state.step, "skipped_step", loss=losses.get("loss"), grad_norm=grad_norm)
+    log.warning("skipped the update of %s (nan_policy=skip)", what)
+    if state.extra["consecutive_skips"] >= schedule.max_consecutive_skips:
+        raise NonFiniteLoss(f"{state.extra['consecutive_skips']} steps in a row had a non-finite loss or gradient "
+                            f"(max_consecutive_skips={schedule.max_consecutive_skips}); last at {what}")
 
 
 def resume_parts(cfg: Any, run_dir: Any, rt: Runtime, stage: str, *, model: Any, optimizer: Any, scheduler: Any,

@@ -33,3 +33,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, tota
     """LambdaLR over optimizer steps. The factor is a pure function of the step, so the saved
     state is just the step count (a partial's empty __dict__, loadable with weights_only)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg, total_steps=total_steps))
+
+
+def staged_lr_factor(step: int, cfg: OptimizerConfig, starts: tuple[int, ...], lengths: tuple[int, ...],
+                     lrs: tuple[float, ...]) -> float:
+    """Multiplier of cfg.lr at global ``step`` of a progressive schedule: the stage's lr relative
+    to cfg.lr, times `lr_factor` counted from the stage's start (each stage warms up again)."""
+    index = max(i for i, start in enumerate(starts) if step >= start)
+    return lrs[index] / cfg.lr * lr_factor(step - starts[index], cfg, lengths[index])
+
+
+def build_staged_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, lengths: list[int],
+                           lrs: list[float]) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over a sequence of stages of ``lengths`` optimizer steps with peak ``lrs``."""
+    starts = tuple(sum(lengths[:i]) for i in range(len(lengths)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        staged_lr_factor, cfg=cfg, starts=starts, lengths=tuple(lengths), lrs=tuple(lrs)))

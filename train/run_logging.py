@@ -121,6 +121,16 @@ class MetricsLogger:
         """A non-metric record (resumed, stage switched, checkpoint saved)."""
         self.log(step, {"event": name, **fields})
 
+    def image(self, step: int, name: str, path: Path, caption: str = "") -> None:
+        """An image written to ``path`` (a sample grid): recorded in the JSONL, sent to wandb."""
+        if not self.enabled:
+            return
+        self.event(step, "image", key=name, path=str(path))
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Image(str(path), caption=redact_text(caption))}, step=step)
+
     def close(self, summary: dict[str, Any] | None = None) -> None:
         if not self.enabled:
             return

@@ -12,6 +12,7 @@ optimizer steps on every runtime (accelerate's scheduler wrapper would step once
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import socket
@@ -171,6 +172,8 @@ class Runtime:
         configured accumulation steps itself.
         """
         sync = contextlib.nullcontext() if last or self.world_size == 1 or self.is_deepspeed else model.no_sync()
+        if self.is_deepspeed:  # the boundary from us, not from the engine's micro-step counter (see set_accumulation)
+            model.set_gradient_accumulation_boundary(last)
         with sync:
             with self.accelerator.autocast():
                 out = loss_fn(model)
@@ -182,17 +185,40 @@ class Runtime:
                 (losses["loss"] / self.grad_accum).backward()
         return {k: v.detach().float() for k, v in losses.items()}
 
-    def optimizer_step(self, model: Any, optimizer: Any, scheduler: Any) -> float | None:
-        """Clip, update, zero the gradients and advance the LR schedule; returns the grad norm."""
+    def optimizer_step(self, model: Any, optimizer: Any, scheduler: Any, *,
+                       skip: bool = False) -> tuple[float | None, bool]:
+        """Clip, update, zero the gradients and advance the LR schedule.
+
+        Returns (gradient norm, whether the update was applied). No update is applied when
+        ``skip`` (a non-finite loss) or the gradient norm is not finite: the gradients are
+        dropped instead. Under DeepSpeed the engine has already stepped at the accumulation
+        boundary (micro_step) and skips non-finite gradients itself (its overflow check,
+        reported as an infinite norm). The LR schedule advances either way (it counts steps).
+        """
         if self.is_deepspeed:
             norm = model.get_global_grad_norm()
+            norm = None if norm is None else float(norm)
+            applied = norm is None or math.isfinite(norm)
         else:
             params = [p for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if self.grad_clip else None
-            optimizer.step()
+            # clip_grad_norm_ with an infinite bound measures without clipping
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)) if params else 0.0
+            applied = not skip and math.isfinite(norm)
+            if applied:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        return None if norm is None else float(norm)
+        return norm, applied
+
+    def set_accumulation(self, model: Any, *, micro_batch_size: int, grad_accum: int) -> None:
+        """Change the micro-batch size and accumulation steps between optimizer steps (a new
+        progressive-resolution stage). DeepSpeed scales each micro-batch's loss by its configured
+        accumulation steps, so the engine is told; its boundaries come from micro_step's ``last``,
+        which stays right when the count changes mid-run (its own counter would not)."""
+        self.grad_accum = grad_accum
+        if self.is_deepspeed:
+            model.set_train_micro_batch_size(micro_batch_size)
+            model.set_train_batch_size(micro_batch_size * grad_accum * self.world_size)
 
     def full_state_dict(self, model: Any) -> dict[str, torch.Tensor]:
         """The unsharded weights on CPU: on every rank, except under ZeRO-3 where the gather

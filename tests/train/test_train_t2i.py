@@ -1,0 +1,166 @@
+"""`recap train-t2i` end to end on toy shards with tiny models: the loss falls, the caption mix and
+CFG dropout rates hold, the export is the EMA weights and loads with diffusers, SIGKILL + rerun
+is bit-identical across a resolution-stage boundary (2 processes), ZeRO-2/3 match DDP, and the
+NaN policy acts the same on every rank."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import logged_losses, run_recap, toy_tokenizer, write_captioned_shards
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inputs(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Recaptioned-layout shards, a toy tokenizer and a random VAE folder (what the earlier stages give)."""
+    from data_pipeline.caption_tokenizer import save_tokenizer
+    from models.vae import build_vae
+
+    root = tmp_path_factory.mktemp("t2i_inputs")
+    shards = write_captioned_shards(toy_data / "train", root / "captioned")
+    tokenizer = save_tokenizer(toy_tokenizer(24), root / "tokenizer")
+    torch.manual_seed(0)
+    build_vae([8, 16, 16, 16], layers_per_block=1, norm_num_groups=8).save_pretrained(root / "vae")
+    return {"shards": shards, "tokenizer": tokenizer, "vae": root / "vae"}
+
+
+def _args(root: Path, inputs: dict[str, Path], stages: str, *extra: str) -> list[str]:
+    return ["train-t2i", f"run.root={root}", f"train_t2i.input={inputs['shards']}", f"train_t2i.vae={inputs['vae']}",
+            f"text_encoder.tokenizer={inputs['tokenizer']}", "text_encoder.max_tokens=24",
+            "text_encoder.architecture={d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, num_heads: 4}",
+            "unet.block_out_channels=[32,32,64]", "unet.attention_head_dim=8", "unet.xf_width=32", "unet.xf_heads=4",
+            f"train_t2i.stages={stages}", "train_t2i.sampling.every_steps=null", "train_t2i.optimizer.warmup_steps=2",
+            "logger.wandb.mode=disabled", "logger.progress=false", "data.reader.num_workers=1", *extra]
+
+
+def _ok(args: list[str], env: dict[str, str] | None = None) -> None:
+    result = run_recap(args, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _last_losses(run_dir: Path) -> dict[int, float]:
+    return {step: values[-1] for step, values in logged_losses(run_dir).items()}
+
+
+def test_toy_run_trains_mixes_captions_and_exports_the_ema_pipeline(inputs, tmp_path: Path) -> None:
+    stages = "[{resolution: 64, steps: 40, global_batch_size: 8, micro_batch_size: 8}]"
+    _ok(_args(tmp_path, inputs, stages, "caption_mix.dsc=0.8", "caption_mix.ssc=0.1", "train_t2i.ema_decay=0.9",
+              "train_t2i.optimizer.lr=2e-3", "checkpoint.every_steps=40", "diffusion.cfg_dropout=0.2",
+              "train_t2i.sampling.prompts=[a red circle]", "train_t2i.sampling.steps=3"))
+    run_dir = tmp_path / "toy" / "train_t2i"
+    losses = _last_losses(run_dir)
+    assert len(losses) == 40
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
+    assert last < 0.7 * first, (first, last)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    n = 40 * 8  # samples trained on; each ratio within 4 standard deviations of its probability
+    for key, p in (("dsc", 0.8), ("ssc", 0.1), ("txt", 0.1)):
+        assert abs(summary["caption_mix"][f"caption_mix/{key}"] - p) < 4 * math.sqrt(p * (1 - p) / n), key
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    dropped = sum(r["cfg_dropped"] for r in records if "cfg_dropped" in r) / 40
+    assert abs(dropped - 0.2) < 4 * math.sqrt(0.2 * 0.8 / n)
+    assert (run_dir / "samples" / "step_0000040.png").is_file()
+
+    # the export is the EMA weights, loadable by diffusers' own classes
+    from diffusers import UNet2DConditionModel
+
+    from models.text_conditioning import CaptionTransformer
+
+    ema = load_file(str(run_dir / "checkpoints" / "step_000000040" / "ema.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "pipeline" / "unet")
+    xf = CaptionTransformer.from_pretrained(run_dir / "pipeline" / "caption_transformer")
+    live = load_file(str(run_dir / "checkpoints" / "step_000000040" / "model.safetensors"))
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(tensor, ema[f"unet.{name}"]), name
+    for name, tensor in xf.state_dict().items():
+        assert torch.equal(tensor, ema[f"caption_transformer.{name}"]), name
+    assert any(not torch.equal(ema[k], live[k]) for k in live)  # EMA is not the live weights
+
+
+TWO_STAGES = ("[{resolution: 64, steps: 5, global_batch_size: 4, micro_batch_size: 2},"
+              " {resolution: 128, steps: 4, global_batch_size: 4, micro_batch_size: 1}]")
+
+
+def test_sigkill_and_rerun_is_bit_identical_across_a_stage_boundary(inputs, tmp_path: Path) -> None:
+    # checkpoints at 3, 5 (end of stage 1), 6, 9; killed at step 4, the rerun resumes from step 3
+    # and replays steps 4 and 5, then switches stage exactly as the uninterrupted run did
+    common = ("launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp", "checkpoint.every_steps=3",
+              "checkpoint.keep_last=5", "train_t2i.ema_decay=0.9")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    _ok(_args(whole, inputs, TWO_STAGES, *common))
+    killed = run_recap(_args(broken, inputs, TWO_STAGES, *common), env={"RECAP_FAULT": "sigkill@step=4,rank=1"})
+    assert killed.returncode != 0
+    _ok(_args(broken, inputs, TWO_STAGES, *common))
+    a, b = whole / "toy" / "train_t2i", broken / "toy" / "train_t2i"
+    assert _last_losses(a) == _last_losses(b) and len(_last_losses(a)) == 9
+    assert logged_losses(b)[4][0] == logged_losses(b)[4][1]  # the replayed step equals its first run
+    for name in ("model.safetensors", "ema.safetensors"):
+        x, y = load_file(str(a / "checkpoints/step_000000009" / name)), load_file(str(b / "checkpoints/step_000000009" / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["read_ahead_dropped_at_stage_switches"] > 0
+    assert summary == {**json.loads((a / "summary.json").read_text()), "resumed": True,
+                       "img_per_s": summary["img_per_s"], "img_per_s_by_stage": summary["img_per_s_by_stage"],
+                       "samples": summary["samples"], "export": summary["export"]}
+
+
+ZERO_STAGES = "[{resolution: 64, steps: 4, global_batch_size: 4, micro_batch_size: 1}]"  # 2 micro-batches per rank
+ZERO_COMMON = ("launcher=torchrun", "launcher.nproc_per_node=2", "checkpoint.every_steps=4", "train_t2i.ema_decay=0.5")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    _ok(_args(root, inputs, ZERO_STAGES, *ZERO_COMMON, "runtime=ddp"))
+    return root / "toy" / "train_t2i"
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_matches_ddp(zero: str, inputs, ddp_run: Path, tmp_path: Path) -> None:
+    _ok(_args(tmp_path, inputs, ZERO_STAGES, *ZERO_COMMON, f"runtime={zero}"))
+    ddp, ds = _last_losses(ddp_run), _last_losses(tmp_path / "toy" / "train_t2i")
+    assert ddp.keys() == ds.keys() == {1, 2, 3, 4}
+    for step in ddp:
+        assert ds[step] == pytest.approx(ddp[step], rel=1e-4, abs=1e-5), step
+    from diffusers import UNet2DConditionModel
+
+    x = UNet2DConditionModel.from_pretrained(ddp_run / "pipeline" / "unet")
+    y = UNet2DConditionModel.from_pretrained(tmp_path / "toy" / "train_t2i" / "pipeline" / "unet")
+    assert x.state_dict().keys() == y.state_dict().keys()
+    # The EMA exports agree as a whole. Single entries may differ by up to a few 1e-4: biases that feed
+    # a GroupNorm have a zero gradient up to rounding, and Adam turns that rounding into lr-sized steps.
+    a = torch.cat([t.flatten() for t in x.state_dict().values()])
+    b = torch.cat([t.flatten() for t in y.state_dict().values()])
+    assert float((a - b).norm() / a.norm()) < 1e-4 and float((a - b).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_nan_on_one_rank_fails_or_skips_on_both(policy: str, inputs, tmp_path: Path) -> None:
+    stages = "[{resolution: 64, steps: 4, global_batch_size: 4, micro_batch_size: 2}]"
+    args = _args(tmp_path, inputs, stages, "launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp",
+                 f"train_t2i.nan_policy={policy}", "checkpoint.every_steps=2")
+    result = run_recap(args, env={"RECAP_FAULT": "nan@step=3,rank=1"}, timeout=600)
+    run_dir = tmp_path / "toy" / "train_t2i"
+    if policy == "fail":
+        # the ranks stop with the divergence exit code, no hang (torchrun reports any failure as 1 and
+        # may SIGTERM the second rank once the first has exited)
+        assert result.returncode != 0 and "exitcode  : 4" in result.stderr, result.stderr[-3000:]
+        assert "non-finite loss or gradient at step 3" in result.stderr
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_000000002"]
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 4
+    weights = load_file(str(run_dir / "checkpoints" / "step_000000004" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "skipped_step"] == [3]
