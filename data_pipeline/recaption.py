@@ -43,13 +43,13 @@ def assign_shards(count: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, count, world_size))
 
 
-def stats_path(shard: Path) -> Path:
-    return shard.with_name(shard.name.removesuffix(".tar") + STATS_SUFFIX)
+def stats_path(shard: Path, suffix: str = STATS_SUFFIX) -> Path:
+    return shard.with_name(shard.name.removesuffix(".tar") + suffix)
 
 
-def read_stats(shard: Path) -> dict[str, Any] | None:
+def read_stats(shard: Path, suffix: str = STATS_SUFFIX) -> dict[str, Any] | None:
     """The stats of a done shard (its output and stats file both present), else None."""
-    path = stats_path(shard)
+    path = stats_path(shard, suffix)
     if not (path.is_file() and shard.is_file()):
         return None
     try:
@@ -69,7 +69,8 @@ class ShardTask:
     """One input shard to (re)caption.
 
     ``keep`` names keys already captioned in an existing output (``only_failures`` reruns):
-    they are copied from ``previous`` instead of being captioned again.
+    they are copied from ``previous`` instead of being captioned again. ``stats_suffix`` names
+    the done marker (another per-shard job, such as `recap cache`, has its own).
     """
 
     index: int
@@ -77,6 +78,11 @@ class ShardTask:
     output: Path
     keep: frozenset[str] = frozenset()
     previous: Path | None = None
+    stats_suffix: str = STATS_SUFFIX
+
+    @property
+    def stats(self) -> Path:
+        return stats_path(self.output, self.stats_suffix)
 
 
 @dataclass
@@ -84,8 +90,8 @@ class ShardBatch:
     """Up to batch_size decoded samples of one shard, in shard order, and what else happened
     since the previous batch of that shard.
 
-    ``samples``: (key, members) to write, captioned from ``images`` (transform name -> (B,3,H,W))
-    in the same order. ``copied``: (key, members) from a previous output, written as they are,
+    ``samples``: (key, members) to write, captioned from ``images`` (transform name -> the
+    collated transform outputs, (B,3,H,W) by default) in the same order. ``copied``: (key, members) from a previous output, written as they are,
     before ``samples``. ``failures``: {"key", "reason", "detail"} entries. ``last``: the shard
     has no more batches; ``input_samples`` is then its total count of sample groups read.
     """
@@ -93,7 +99,7 @@ class ShardBatch:
     task: ShardTask
     number: int
     samples: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)
-    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: dict[str, Any] = field(default_factory=dict)
     copied: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     last: bool = False
@@ -136,13 +142,14 @@ class ShardBatches(IterableDataset):
 
     Worker w of W takes tasks w, w+W, ...: a shard is read by one worker from start to end, so
     its batches (and therefore its captions) are the same on every run whatever else runs.
-    ``transforms`` maps a name to a PIL -> tensor transform; every image goes through each.
+    ``transforms`` maps a name to a PIL -> tensor transform; every image goes through each, and
+    ``collate`` joins a batch's outputs (``torch.stack``; ``list`` for outputs of varying size).
     """
 
-    def __init__(self, tasks: Sequence[ShardTask], transforms: dict[str, Callable[[Any], torch.Tensor]],
-                 batch_size: int) -> None:
+    def __init__(self, tasks: Sequence[ShardTask], transforms: dict[str, Callable[[Any], Any]],
+                 batch_size: int, collate: Callable[[list[Any]], Any] = torch.stack) -> None:
         super().__init__()
-        self.tasks, self.transforms, self.batch_size = list(tasks), transforms, batch_size
+        self.tasks, self.transforms, self.batch_size, self.collate = list(tasks), transforms, batch_size, collate
 
     def __iter__(self) -> Iterator[ShardBatch]:
         info = get_worker_info()
@@ -188,15 +195,15 @@ class ShardBatches(IterableDataset):
 
     def _finish(self, batch: ShardBatch, pil: list[Any]) -> ShardBatch:
         if pil:
-            batch.images = {name: torch.stack([t(img) for img in pil]) for name, t in self.transforms.items()}
+            batch.images = {name: self.collate([t(img) for img in pil]) for name, t in self.transforms.items()}
         return batch
 
 
-def batch_loader(tasks: Sequence[ShardTask], transforms: dict[str, Callable[[Any], torch.Tensor]], *,
-                 batch_size: int, num_workers: int) -> DataLoader:
+def batch_loader(tasks: Sequence[ShardTask], transforms: dict[str, Callable[[Any], Any]], *,
+                 batch_size: int, num_workers: int, collate: Callable[[list[Any]], Any] = torch.stack) -> DataLoader:
     """A DataLoader over ``ShardBatches``: decoding and preprocessing happen in its workers."""
     workers = min(num_workers, len(tasks))
-    return DataLoader(ShardBatches(tasks, transforms, batch_size), batch_size=None, num_workers=workers,
+    return DataLoader(ShardBatches(tasks, transforms, batch_size, collate), batch_size=None, num_workers=workers,
                       prefetch_factor=4 if workers else None, worker_init_fn=_init_worker if workers else None)
 
 
@@ -241,7 +248,7 @@ class ShardOutput:
         """Rename the complete shard into place (not done yet: `write_stats` marks it)."""
         # A rewrite (only_failures) drops the old marker first: a kill before the new one
         # lands leaves the shard not done, to be redone whole.
-        stats_path(self.task.output).unlink(missing_ok=True)
+        self.task.stats.unlink(missing_ok=True)
         self.writer.commit()
 
     def write_stats(self, batch: ShardBatch, extra: dict[str, Any]) -> dict[str, Any]:
@@ -260,11 +267,50 @@ class ShardOutput:
             "images_per_s": round(self.captioned / seconds, 2) if seconds > 0 else 0.0,
             **extra,
         }
-        shard_io.write_json_atomic(stats_path(self.task.output), stats)
+        shard_io.write_json_atomic(self.task.stats, stats)
         return stats
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]]], extra: dict[str, Any], *,
+              bar: Any, total_tasks: int, on_batch: Callable[[int], None] | None = None,
+              on_shard: Callable[[int], None] | None = None) -> tuple[Counter, Counter]:
+    """Write every task's output shard from ``loader``'s batches (batches of several shards
+    interleave; each shard's come in order). ``process(batch)`` gives each sample's output
+    members; ``extra`` goes into every stats file; ``on_batch(n)``/``on_shard(n)`` are
+    failpoints after the n-th batch written and between the n-th shard's rename and its stats.
+    Returns (totals: shards, images, copied; failures by reason). An error leaves no partial file.
+    """
+    open_shards: dict[int, ShardOutput] = {}
+    totals: Counter = Counter()
+    reasons: Counter = Counter()
+    written = 0
+    try:
+        for batch in loader:
+            if batch.task.index not in open_shards:
+                open_shards[batch.task.index] = ShardOutput(batch.task)
+            output = open_shards[batch.task.index]
+            output.add(batch, process(batch))
+            bar.update(len(batch.samples) + len(batch.copied))
+            written += 1
+            if on_batch is not None:
+                on_batch(written)
+            if batch.last:
+                output.commit_shard()
+                if on_shard is not None:
+                    on_shard(totals["shards"] + 1)
+                stats = output.write_stats(batch, extra)
+                del open_shards[batch.task.index]
+                totals.update(shards=1, images=stats["captioned"], copied=stats["copied_from_previous"])
+                reasons.update(stats["failures_by_reason"])
+                bar.set_postfix(shards=f"{totals['shards']}/{total_tasks}", failed=sum(reasons.values()))
+    finally:
+        for output in open_shards.values():
+            output.abort()
+        bar.close()
+    return totals, reasons
 
 
 def expected_samples(url: str) -> int | None:

@@ -24,12 +24,14 @@ class SampleSpec:
         captions: text sources that must exist and be non-empty: a member extension
             (``txt``, ``dsc.txt``) or a metadata field (``json.gt_dsc``).
         optional_texts: text sources decoded when present (``""`` otherwise).
+        binary: members that must exist, passed as raw bytes (``cache.safetensors``).
     """
 
     gt_access: GroundTruthAccess
     image: bool = True
     captions: tuple[str, ...] = ()
     optional_texts: tuple[str, ...] = ()
+    binary: tuple[str, ...] = ()
 
     def needs_curated(self) -> bool:
         """Whether a required caption is ground truth (a ``json.gt_*`` field or a ``gt_*`` member),
@@ -73,6 +75,10 @@ def decode_sample(raw: shard_io.RawSample, spec: SampleSpec) -> dict[str, Any] |
         sample[source] = text
     for source in spec.optional_texts:
         sample[source] = _text(source, visible, meta) or ""
+    for ext in spec.binary:
+        if ext not in visible:
+            return shard_io.MISSING_MEMBER
+        sample[ext] = visible[ext]
     if spec.image:
         ext = shard_io.image_member(visible)
         if ext is None:

@@ -30,6 +30,7 @@ MISSING_IMAGE = "missing_image"
 EMPTY_IMAGE = "empty_image"  # zero-byte image member
 UNDECODABLE_IMAGE = "undecodable_image"
 MISSING_CAPTION = "missing_caption"
+MISSING_MEMBER = "missing_member"  # a binary member the stage needs (a cache entry) is absent
 EMPTY_CAPTION = "empty_caption"
 BAD_JSON = "bad_json"
 FAULT_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD, DUPLICATE_KEY, MISSING_IMAGE, EMPTY_IMAGE, UNDECODABLE_IMAGE,

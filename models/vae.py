@@ -59,4 +59,5 @@ def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> scaled latents (B, C, H/8, W/8): the posterior mean (mode)
     times the VAE's scaling factor, so that they have about unit variance."""
     images = pixels.to(vae.dtype) / 127.5 - 1.0  # [-1, 1]
-    return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+    # contiguous: the posterior mean comes out in a strided layout, which *_like ops would copy
+    return (vae.encode(images).latent_dist.mode() * vae.config.scaling_factor).contiguous()

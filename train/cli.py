@@ -49,6 +49,8 @@ STAGES: dict[str, Stage] = {
                              "(saved in Hugging Face format)."),
     "train-vae": Stage("train.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder.",
                        batch_section="train_vae"),
+    "cache": Stage("train.cache", "Precompute VAE latents (per resolution stage) and T5 states (per caption key) "
+                   "into cache shards for train-t2i (distributed, resumable).", precheck=True),
     "train-t2i": Stage("train.train_t2i", "Train the T5-conditioned latent diffusion UNet on the recaptioned shards "
                        "(caption mix, buckets, progressive resolution, EMA); export a diffusers pipeline.", precheck=True),
 }

@@ -461,6 +461,7 @@ class TrainT2IConfig:
     input: str  # shards with KEY.dsc.txt / KEY.ssc.txt (recaption's output) and alt-text KEY.txt
     vae: str  # a diffusers AutoencoderKL folder (train-vae's export, or a pretrained VAE)
     stages: list[ResolutionStageConfig]
+    cache: str | None = None  # `recap cache` output: train from cached latents and T5 states instead
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     grad_clip: float | None = 1.0
     ema_decay: float | None = 0.9999  # null: no EMA weights
@@ -483,6 +484,25 @@ class TrainT2IConfig:
             raise ConfigError("ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}")
         if self.max_consecutive_skips < 1:
             raise ConfigError("max_consecutive_skips", f"must be >= 1, got {self.max_consecutive_skips}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`recap cache`: VAE latents (per resolution stage of train_t2i) and T5 states (per caption
+    key) of every recaptioned sample, for train_t2i.cache."""
+
+    input: str  # recaptioned shards
+    output: str  # a directory; one cache shard per input shard
+    keys: list[str] = field(default_factory=lambda: ["dsc", "ssc", "txt"])
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    batch_size: int = 32
+    num_workers: int = 2
+    rank: int | None = None  # null: from torchrun (RANK) or a Slurm array
+    world_size: int | None = None
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("batch_size", "batch_size must be >= 1 and num_workers >= 0")
 
 
 def check_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
@@ -525,6 +545,7 @@ class ExperimentConfig:
     recaption: RecaptionConfig
     train_tokenizer: TrainTokenizerConfig
     caption_mix: CaptionMixConfig
+    cache: CacheConfig
     train_t2i: TrainT2IConfig
 
     def validate(self) -> None:

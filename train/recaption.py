@@ -172,35 +172,15 @@ def _expected_images(tasks: list[shards.ShardTask]) -> int | None:
 def _write_shards(tasks: list[shards.ShardTask], captioners: _Captioners, r: RecaptionConfig, *, rank: int,
                   world: int, bar: Any) -> tuple[Counter, Counter]:
     """Caption and write every task's shard; returns (totals, failures by reason)."""
-    open_shards: dict[int, shards.ShardOutput] = {}
-    totals: Counter = Counter()
-    reasons: Counter = Counter()
-    written = 0  # batches written (a failpoint counter)
     loader = shards.batch_loader(tasks, captioners.transforms, batch_size=r.batch_size, num_workers=r.num_workers)
-    try:
-        for batch in loader:  # batches of several shards interleave; each shard's come in order
-            if batch.task.index not in open_shards:
-                open_shards[batch.task.index] = shards.ShardOutput(batch.task)
-            output = open_shards[batch.task.index]
-            captions = captioners(batch)
-            output.add(batch, [shards.with_lineage(members, text, captioners.lineage)
-                               for (_, members), text in zip(batch.samples, captions, strict=True)])
-            bar.update(len(batch.samples) + len(batch.copied))
-            written += 1
-            maybe_fail(rank=rank, recaption_batch=written)
-            if batch.last:
-                output.commit_shard()
-                maybe_fail(rank=rank, recaption_shard=totals["shards"] + 1)
-                stats = output.write_stats(batch, {"rank": rank, "world_size": world, "captioners": captioners.lineage})
-                del open_shards[batch.task.index]
-                totals.update(shards=1, images=stats["captioned"], copied=stats["copied_from_previous"])
-                reasons.update(stats["failures_by_reason"])
-                bar.set_postfix(shards=f"{totals['shards']}/{len(tasks)}", failed=sum(reasons.values()))
-    finally:
-        for output in open_shards.values():  # an error: leave no partial file behind
-            output.abort()
-        bar.close()
-    return totals, reasons
+
+    def caption(batch: shards.ShardBatch) -> list[dict[str, bytes]]:
+        return [shards.with_lineage(members, text, captioners.lineage)
+                for (_, members), text in zip(batch.samples, captioners(batch), strict=True)]
+
+    return shards.write_all(loader, caption, {"rank": rank, "world_size": world, "captioners": captioners.lineage},
+                            bar=bar, total_tasks=len(tasks), on_batch=lambda n: maybe_fail(rank=rank, recaption_batch=n),
+                            on_shard=lambda n: maybe_fail(rank=rank, recaption_shard=n))
 
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from data_pipeline.aspect_buckets import bucket_table
 from data_pipeline.bucket_batches import BucketedBatches
 from data_pipeline.caption_mix import CaptionMix
 from data_pipeline.ground_truth import GroundTruthAccess
+from data_pipeline.latent_cache import CACHE_MEMBER, FromCache, collate_cached
 from data_pipeline.samples import SampleSpec
 from data_pipeline.shard_io import NoShardsError
 from data_pipeline.shard_reader import ShardReader
@@ -104,11 +105,12 @@ class Objective:
         self.empty = frozen.empty_caption(device)  # (T_e, D), (T_e,): computed once
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        latents = self.frozen.latents(batch["pixels"])  # (B, C, h, w)
-        states = self.frozen.text(batch["input_ids"], batch["mask"])  # (B, T, D)
+        # (B, C, h, w) and (B, T, D): from the cache, or encoded here from pixels and token ids
+        latents = batch["latents"] if "latents" in batch else self.frozen.latents(batch["pixels"])
+        states = batch["states"] if "states" in batch else self.frozen.text(batch["input_ids"], batch["mask"])
         drop = dropout_draws(batch["seeds"].cpu(), self.cfg_dropout).to(latents.device)  # (B,) per-sample seed
         states, mask = drop_captions(states, batch["mask"], drop, *self.empty)
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, dtype=latents.dtype, device=latents.device)  # whatever the layout
         timesteps = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy, target = noised_and_target(self.noise, latents, noise, timesteps)
         prediction = model(noisy, timesteps, states, mask)
@@ -121,24 +123,32 @@ def _mix(cfg: ExperimentConfig) -> CaptionMix:
     return CaptionMix(m.weights, fallback=tuple(m.fallback))
 
 
-def _transform(cfg: ExperimentConfig, stage: ResolutionStage, tokenizer: Any) -> FitToBucket:
+def _transform(cfg: ExperimentConfig, stage: ResolutionStage, tokenizer: Any) -> FitToBucket | FromCache:
+    """The worker transform of a stage: fit raw images to buckets, or pick the cached entries."""
     b = cfg.train_t2i.buckets
     table = bucket_table(stage.resolution, step=b.step, max_aspect=b.max_aspect)
+    if cfg.train_t2i.cache is not None:
+        return FromCache(table, stage.resolution, _mix(cfg))
     return FitToBucket(table, _mix(cfg), tokenizer, cfg.text_encoder.max_tokens, random_crop=b.random_crop)
 
 
 def _batches(cfg: ExperimentConfig, rt: Runtime, stage: ResolutionStage, tokenizer: Any) -> BucketedBatches:
+    t = cfg.train_t2i
     transform = _transform(cfg, stage, tokenizer)
-    spec = SampleSpec(GroundTruthAccess.NONE, image=True, optional_texts=caption_members(_mix(cfg)))
+    if t.cache is None:
+        key, source, collate = "train_t2i.input", t.input, collate_bucket
+        spec = SampleSpec(GroundTruthAccess.NONE, image=True, optional_texts=caption_members(_mix(cfg)))
+    else:
+        key, source, collate = "train_t2i.cache", t.cache, collate_cached
+        spec = SampleSpec(GroundTruthAccess.NONE, image=False, binary=(CACHE_MEMBER,))
     try:
-        reader = ShardReader(cfg.train_t2i.input, spec=spec, options=cfg.data.reader, batch_size=stage.micro_batch_size,
+        reader = ShardReader(source, spec=spec, options=cfg.data.reader, batch_size=stage.micro_batch_size,
                              seed=cfg.seed, rank=rt.rank, world_size=rt.world_size, transform=transform, collate=list)
     except (NoShardsError, ValueError) as exc:
-        raise ConfigError("train_t2i.input", f"{exc}. Run `recap recaption` first or point train_t2i.input at "
-                          "recaptioned shards") from None
+        raise ConfigError(key, f"{exc}. Run `recap recaption` (and `recap cache` for a cache) first") from None
     return BucketedBatches(reader, transform.table, batch_size=stage.micro_batch_size,
-                           queue_batches=cfg.train_t2i.buckets.queue_batches, seed=cfg.seed,
-                           gather=rt.gather_objects, collate=collate_bucket)
+                           queue_batches=t.buckets.queue_batches, seed=cfg.seed, gather=rt.gather_objects,
+                           collate=collate)
 
 
 def _mix_report(rt: Runtime, batches: BucketedBatches) -> dict[str, float]:
@@ -150,10 +160,37 @@ def _mix_report(rt: Runtime, batches: BucketedBatches) -> dict[str, float]:
 
 
 def check(cfg: ExperimentConfig) -> None:
-    """Before launch: the stages and their batches split over the processes the launcher starts."""
+    """Before launch: the stages and their batches split over the processes the launcher starts,
+    and a cache (when given) that holds every stage's resolution and every caption key drawn."""
     launcher = cfg.launcher
     world = launcher.nproc_per_node * launcher.nnodes if launcher.kind == "torchrun" else 1
     _accumulation(resolution_stages(cfg), world)
+    if cfg.train_t2i.cache is not None:
+        _check_cache(cfg)
+
+
+def _check_cache(cfg: ExperimentConfig) -> None:
+    from data_pipeline import recaption as shard_jobs
+    from data_pipeline.latent_cache import STATS_SUFFIX
+    from data_pipeline.shard_io import is_local, list_shards
+
+    t = cfg.train_t2i
+    try:
+        urls = list_shards(t.cache)
+    except NoShardsError as exc:
+        raise ConfigError("train_t2i.cache", f"{exc}; run `recap cache` first") from None
+    local = [Path(u) for u in urls if is_local(u)]
+    stats = shard_jobs.read_stats(local[0], STATS_SUFFIX) if local else None
+    if local and stats is None:
+        raise ConfigError("train_t2i.cache", f"{local[0]} is not a complete cache shard; run `recap cache` to finish it")
+    if stats is None:  # remote shards: checked sample by sample
+        return
+    missing = sorted({s.resolution for s in t.stages} - set(stats["resolutions"]))
+    keys = [k for k, w in cfg.caption_mix.weights.items() if w > 0 and k not in stats["keys"]]
+    if missing or keys:
+        raise ConfigError("train_t2i.cache", f"the cache holds resolutions {stats['resolutions']} and caption keys "
+                          f"{stats['keys']}; this run also needs {missing or ''}{' ' if missing and keys else ''}"
+                          f"{keys or ''}. Rerun `recap cache` with this config")
 
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -161,6 +198,8 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     t = cfg.train_t2i
     stages = resolution_stages(cfg)
     accums = _accumulation(stages, int(os.environ.get("WORLD_SIZE", "1")))
+    if t.cache is not None:
+        _check_cache(cfg)
     rt = start_runtime(cfg.runtime, micro_batch_size=stages[0].micro_batch_size, grad_accum=accums[0],
                        grad_clip=t.grad_clip)
     log = setup_logging(run_dir, STAGE, rt.rank)

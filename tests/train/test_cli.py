@@ -15,7 +15,7 @@ from train.config_loading import GROUP_PACKAGES, check_overrides, config_groups,
 from train.typed_config import ConfigError
 
 RECAP = Path(sys.executable).with_name("recap")
-TOP_KEYS = ("caption, caption_mix, captioner, checkpoint, data, diffusion, evaluate_captioner, finetune_captioner, launcher, logger, "
+TOP_KEYS = ("cache, caption, caption_mix, captioner, checkpoint, data, diffusion, evaluate_captioner, finetune_captioner, launcher, logger, "
             "pretrain_captioner, recaption, resume, run, runtime, seed, text_encoder, "
             "train_t2i, train_tokenizer, train_vae, unet, vae")
 
@@ -72,7 +72,7 @@ def test_stage_help_lists_groups_and_options(workdir):
 # message, a tuple lists fragments that must all appear)
 ERRORS = [
     pytest.param(["trian-vae"], "trian-vae",
-                 "unknown stage 'trian-vae' (did you mean 'train-vae'?); stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, train-t2i",
+                 "unknown stage 'trian-vae' (did you mean 'train-vae'?); stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, cache, train-t2i",
                  id="unknown-stage"),
     pytest.param(["train-vae", "data.tarin=x"], "train-vae",
                  "data.tarin: unknown config key (did you mean 'train'?); valid keys under 'data': "
@@ -204,7 +204,7 @@ def test_sweep_keys():
         (["train-vae", "--cfg"], "recap train-vae: error: --cfg needs a value: job, hydra or all"),
         (["train-vae", "-c", "seed=1"], "recap train-vae: error: -c needs a value: job, hydra or all"),
         (["tarin-vae"], "recap tarin-vae: error: unknown stage 'tarin-vae' (did you mean 'train-vae'?); "
-                        "stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, train-t2i"),
+                        "stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, cache, train-t2i"),
     ],
 )
 def test_main_in_process_usage_errors(argv, message, capsys):

@@ -1,0 +1,120 @@
+"""The feature cache of train-t2i: per sample, VAE latents at its bucket of every resolution stage
+and the T5 states of every caption key, so that training skips image decoding, the VAE and T5.
+
+One cache shard per recaptioned shard (same name), written by `recap cache` with the
+exactly-once protocol of recaptioning (data_pipeline/recaption.py). Each sample keeps its
+text members and json, drops its image, and gains ``KEY.cache.safetensors`` holding:
+
+    latents@<res>  (C, h, w)  scaled VAE latents (posterior mean) of the centre crop at the
+                              sample's bucket of base resolution <res>, in the cache dtype
+    bucket@<res>   (2,) int64 the bucket's (width, height) in pixels
+    t5@<key>       (T, D)     unpadded T5 states of caption key <key> (ending in </s>); absent
+                              when the sample has no such caption
+
+`FromCache` turns that member into training items for `BucketedBatches`; `collate_cached`
+batches them. The trainer then starts from latents and states instead of pixels and token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.aspect_buckets import Bucket
+from data_pipeline.caption_mix import CaptionMix
+
+CACHE_MEMBER = "cache.safetensors"
+STATS_SUFFIX = ".cache.json"
+
+
+def latents_name(resolution: int) -> str:
+    return f"latents@{resolution}"
+
+
+def bucket_name(resolution: int) -> str:
+    return f"bucket@{resolution}"
+
+
+def states_name(key: str) -> str:
+    return f"t5@{key}"
+
+
+def encode_entry(tensors: dict[str, torch.Tensor]) -> bytes:
+    """One sample's cache member (safetensors bytes; tensors made contiguous on the CPU)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def decode_entry(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+@dataclass
+class FromCache:
+    """sample dict (reader, with the cache member as bytes) -> training item, or None when no
+    caption of the mix is cached for it.
+
+    The item: ``latents`` (C, h, w) float32, ``bucket`` (index in ``table``), ``states`` (T, D)
+    float32, ``drawn``/``used`` caption keys, ``seed``.
+    """
+
+    table: Sequence[Bucket]
+    resolution: int
+    mix: CaptionMix
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        entry = decode_entry(sample[CACHE_MEMBER])
+        key = latents_name(self.resolution)
+        if key not in entry:
+            cached = sorted(k.split("@")[1] for k in entry if k.startswith("latents@"))
+            raise ValueError(f"sample {sample['__key__']} has no latents for resolution {self.resolution} (cached: "
+                             f"{', '.join(cached)}); rerun `recap cache` with this stage's resolution")
+        width, height = entry[bucket_name(self.resolution)].tolist()
+        try:
+            bucket = self.table.index(Bucket(width, height))
+        except ValueError:
+            raise ValueError(f"the cached bucket {width}x{height} is not in this run's table at {self.resolution}px "
+                             "(train_t2i.buckets changed since `recap cache`); rerun `recap cache`") from None
+        available = {k: "cached" if states_name(k) in entry else None for k in self.mix.weights}
+        choice = self.mix.choose(available, sample["seed"])
+        if choice is None:
+            return None
+        drawn, used, _ = choice
+        return {"latents": entry[key].float(), "bucket": bucket, "states": entry[states_name(used)].float(),
+                "drawn": drawn, "used": used, "seed": sample["seed"]}
+
+
+def refit_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(C, h, w) latents resized to cover (height, width) and centre-cropped: for a sample that
+    overflowed into a neighbouring bucket (rare: the queue of its own bucket was full)."""
+    c, h, w = latents.shape
+    if (h, w) == (height, width):
+        return latents
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    resized = F.interpolate(latents[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return resized[:, top : top + height, left : left + width]
+
+
+def collate_cached(items: Sequence[dict[str, Any]], bucket: Bucket, downsample: int = 8) -> dict[str, Any]:
+    """One bucket's batch: ``latents`` (B, C, H/8, W/8), ``states`` (B, T, D) zero-padded with
+    ``mask`` (B, T), ``seeds`` (B,), ``used`` caption keys."""
+    h, w = bucket.height // downsample, bucket.width // downsample
+    longest = max(item["states"].shape[0] for item in items)
+    dim = items[0]["states"].shape[1]
+    states = torch.zeros(len(items), longest, dim)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, item in enumerate(items):
+        n = item["states"].shape[0]
+        states[i, :n], mask[i, :n] = item["states"], True
+    return {"latents": torch.stack([refit_latents(item["latents"], h, w) for item in items]), "states": states,
+            "mask": mask, "seeds": torch.tensor([item["seed"] for item in items], dtype=torch.long),
+            "used": [item["used"] for item in items]}
