@@ -32,7 +32,7 @@ from train.config_schema import ResumeConfig
 from train.loop import Parts, Schedule, train_steps
 from train.optimization import build_optimizer, build_staged_scheduler
 from train.run_logging import MetricsLogger
-from train.runtime import seed_everything, start_runtime
+from train.runtime import keep_freed_memory_in_heap, seed_everything, start_runtime
 from train.t2i_parts import FrozenEncoders, build_denoiser, load_text_encoder
 from train.train_t2i import EmaWeights, Objective
 
@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--unet", default="tiny", help="a conf/unet preset")
     args = parser.parse_args()
     cfg = load_experiment([f"unet={args.unet}", "runtime=single"])
+    # Our runtime keeps freed CPU memory in the heap (train/runtime.py); give the bare loop the same
+    # allocator setting so that the ratio measures the trainer, not malloc.
+    keep_freed_memory_in_heap()
     with tempfile.TemporaryDirectory() as tmp:
         frozen, tokenizer = _parts(cfg, Path(tmp), Path(tmp) / "tokenizer")
         batch = _batch(tokenizer, args.batch, args.resolution)

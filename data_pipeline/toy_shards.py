@@ -166,3 +166,28 @@ def _map(jobs: list[_ShardJob], processes: int) -> Iterator[dict[str, Any]]:
     # torch, ~3 s per worker). Safe here: the parent has not started torch's thread pools.
     with get_context("fork").Pool(min(processes, len(jobs))) as pool:
         yield from pool.imap(_write_shard, jobs)
+
+
+def write_ground_truth_captions(src: Path, out: Path) -> Path:
+    """Copy the toy shards in ``src`` to ``out``, adding ``KEY.ssc.txt``/``KEY.dsc.txt`` written from
+    each scene's ground-truth captions: the layout `recap recaption` produces, with perfect
+    captioners (for tests and benchmarks of the diffusion side, and as an oracle reference)."""
+    import tarfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(src.glob("*.tar")):
+        with tarfile.open(shard) as tin, tarfile.open(out / shard.name, "w") as tout:
+            for member in tin.getmembers():
+                data = tin.extractfile(member).read()
+                tout.addfile(member, io.BytesIO(data))
+                if member.name.endswith(".json"):
+                    meta = json.loads(data)
+                    key = member.name[: -len(".json")]
+                    for style in ("ssc", "dsc"):
+                        text = meta[f"gt_{style}"].encode()
+                        info = tarfile.TarInfo(f"{key}.{style}.txt")
+                        info.size = len(text)
+                        tout.addfile(info, io.BytesIO(text))
+        for extra in src.glob(f"{shard.stem}_stats.json"):  # img2dataset's per-shard stats
+            (out / extra.name).write_bytes(extra.read_bytes())
+    return out

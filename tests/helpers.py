@@ -39,30 +39,11 @@ def logged_losses(run_dir: Path) -> dict[int, list[float]]:
 
 
 def write_captioned_shards(src: Path, out: Path) -> Path:
-    """Copy the toy shards in ``src`` to ``out`` adding KEY.ssc.txt / KEY.dsc.txt, written from each
-    scene's ground-truth captions: the layout `recap recaption` produces, without running the
-    captioners (tests of the diffusion side need captions, not captioner quality)."""
-    import io
-    import tarfile
+    """Toy shards in the layout `recap recaption` writes, captions from ground truth (tests of the
+    diffusion side need captions, not captioner quality)."""
+    from data_pipeline.toy_shards import write_ground_truth_captions
 
-    out.mkdir(parents=True, exist_ok=True)
-    for shard in sorted(src.glob("*.tar")):
-        with tarfile.open(shard) as tin, tarfile.open(out / shard.name, "w") as tout:
-            members = tin.getmembers()
-            for member in members:
-                data = tin.extractfile(member).read()
-                tout.addfile(member, io.BytesIO(data))
-                if member.name.endswith(".json"):
-                    meta = json.loads(data)
-                    key = member.name[: -len(".json")]
-                    for style in ("ssc", "dsc"):
-                        text = meta[f"gt_{style}"].encode()
-                        info = tarfile.TarInfo(f"{key}.{style}.txt")
-                        info.size = len(text)
-                        tout.addfile(info, io.BytesIO(text))
-        for extra in src.glob(f"{shard.stem}*.json"):  # img2dataset's per-shard stats
-            (out / extra.name).write_bytes(extra.read_bytes())
-    return out
+    return write_ground_truth_captions(src, out)
 
 
 def toy_tokenizer(max_tokens: int = 64):

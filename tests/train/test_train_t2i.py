@@ -1,7 +1,7 @@
 """`recap train-t2i` end to end on toy shards with tiny models: the loss falls, the caption mix and
 CFG dropout rates hold, the export is the EMA weights and loads with diffusers, SIGKILL + rerun
-is bit-identical across a resolution-stage boundary (2 processes), ZeRO-2/3 match DDP, and the
-NaN policy acts the same on every rank."""
+is bit-identical across a resolution-stage boundary (2 processes), ZeRO-2/3 match DDP across it,
+the NaN policy fails or skips, and the caption-mix sweep is one multirun."""
 
 from __future__ import annotations
 
@@ -86,25 +86,34 @@ def test_toy_run_trains_mixes_captions_and_exports_the_ema_pipeline(inputs, tmp_
     assert any(not torch.equal(ema[k], live[k]) for k in live)  # EMA is not the live weights
 
 
-TWO_STAGES = ("[{resolution: 64, steps: 5, global_batch_size: 4, micro_batch_size: 2},"
-              " {resolution: 128, steps: 4, global_batch_size: 4, micro_batch_size: 1}]")
+# Stage 1: 4 images per step as 2 ranks x 1 micro-batch of 2; stage 2 at 128 px: 2 ranks x 2 micro-batches of 1
+# (the accumulation changes at the boundary, under DDP and DeepSpeed alike).
+TWO_STAGES = ("[{resolution: 64, steps: 4, global_batch_size: 4, micro_batch_size: 2},"
+              " {resolution: 128, steps: 3, global_batch_size: 4, micro_batch_size: 1}]")
+TWO_PROCESSES = ("launcher=torchrun", "launcher.nproc_per_node=2", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
+                 "train_t2i.ema_decay=0.9")
 
 
-def test_sigkill_and_rerun_is_bit_identical_across_a_stage_boundary(inputs, tmp_path: Path) -> None:
-    # checkpoints at 3, 5 (end of stage 1), 6, 9; killed at step 4, the rerun resumes from step 3
-    # and replays steps 4 and 5, then switches stage exactly as the uninterrupted run did
-    common = ("launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp", "checkpoint.every_steps=3",
-              "checkpoint.keep_last=5", "train_t2i.ema_decay=0.9")
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    _ok(_args(whole, inputs, TWO_STAGES, *common))
-    killed = run_recap(_args(broken, inputs, TWO_STAGES, *common), env={"RECAP_FAULT": "sigkill@step=4,rank=1"})
+@pytest.fixture(scope="module")
+def ddp_run(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-process DDP run over both stages (the reference of the tests below)."""
+    root = tmp_path_factory.mktemp("ddp")
+    _ok(_args(root, inputs, TWO_STAGES, *TWO_PROCESSES, "runtime=ddp"))
+    return root / "toy" / "train_t2i"
+
+
+def test_sigkill_and_rerun_is_bit_identical_across_a_stage_boundary(inputs, ddp_run: Path, tmp_path: Path) -> None:
+    # checkpoints at 2, 4 (end of stage 1), 6, 7; killed at step 3, the rerun resumes from step 2,
+    # replays steps 3 and 4, then switches stage exactly as the uninterrupted run did
+    args = _args(tmp_path, inputs, TWO_STAGES, *TWO_PROCESSES, "runtime=ddp")
+    killed = run_recap(args, env={"RECAP_FAULT": "sigkill@step=3,rank=1"})
     assert killed.returncode != 0
-    _ok(_args(broken, inputs, TWO_STAGES, *common))
-    a, b = whole / "toy" / "train_t2i", broken / "toy" / "train_t2i"
-    assert _last_losses(a) == _last_losses(b) and len(_last_losses(a)) == 9
-    assert logged_losses(b)[4][0] == logged_losses(b)[4][1]  # the replayed step equals its first run
+    _ok(args)
+    a, b = ddp_run, tmp_path / "toy" / "train_t2i"
+    assert _last_losses(a) == _last_losses(b) and len(_last_losses(a)) == 7
+    assert logged_losses(b)[3][0] == logged_losses(b)[3][1]  # the replayed step equals its first run
     for name in ("model.safetensors", "ema.safetensors"):
-        x, y = load_file(str(a / "checkpoints/step_000000009" / name)), load_file(str(b / "checkpoints/step_000000009" / name))
+        x, y = load_file(str(a / "checkpoints/step_000000007" / name)), load_file(str(b / "checkpoints/step_000000007" / name))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
     summary = json.loads((b / "summary.json").read_text())
     assert summary["resumed"] is True and summary["read_ahead_dropped_at_stage_switches"] > 0
@@ -113,22 +122,11 @@ def test_sigkill_and_rerun_is_bit_identical_across_a_stage_boundary(inputs, tmp_
                        "samples": summary["samples"], "export": summary["export"]}
 
 
-ZERO_STAGES = "[{resolution: 64, steps: 4, global_batch_size: 4, micro_batch_size: 1}]"  # 2 micro-batches per rank
-ZERO_COMMON = ("launcher=torchrun", "launcher.nproc_per_node=2", "checkpoint.every_steps=4", "train_t2i.ema_decay=0.5")
-
-
-@pytest.fixture(scope="module")
-def ddp_run(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
-    _ok(_args(root, inputs, ZERO_STAGES, *ZERO_COMMON, "runtime=ddp"))
-    return root / "toy" / "train_t2i"
-
-
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_zero_matches_ddp(zero: str, inputs, ddp_run: Path, tmp_path: Path) -> None:
-    _ok(_args(tmp_path, inputs, ZERO_STAGES, *ZERO_COMMON, f"runtime={zero}"))
+    _ok(_args(tmp_path, inputs, TWO_STAGES, *TWO_PROCESSES, f"runtime={zero}"))
     ddp, ds = _last_losses(ddp_run), _last_losses(tmp_path / "toy" / "train_t2i")
-    assert ddp.keys() == ds.keys() == {1, 2, 3, 4}
+    assert ddp.keys() == ds.keys() == set(range(1, 8))
     for step in ddp:
         assert ds[step] == pytest.approx(ddp[step], rel=1e-4, abs=1e-5), step
     from diffusers import UNet2DConditionModel
@@ -140,16 +138,16 @@ def test_zero_matches_ddp(zero: str, inputs, ddp_run: Path, tmp_path: Path) -> N
     # a GroupNorm have a zero gradient up to rounding, and Adam turns that rounding into lr-sized steps.
     a = torch.cat([t.flatten() for t in x.state_dict().values()])
     b = torch.cat([t.flatten() for t in y.state_dict().values()])
-    assert float((a - b).norm() / a.norm()) < 1e-4 and float((a - b).abs().max()) < 1e-3
+    assert float((a - b).norm() / a.norm()) < 1e-4 and float((a - b).abs().max()) < 2e-3
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_a_nan_on_one_rank_fails_or_skips_on_both(policy: str, inputs, tmp_path: Path) -> None:
+def test_a_nan_loss_fails_or_skips_the_step(policy: str, inputs, tmp_path: Path) -> None:
     stages = "[{resolution: 64, steps: 4, global_batch_size: 4, micro_batch_size: 2}]"
-    # fail: one process is enough (the decision reads the loss averaged over ranks, as skip shows on 2)
-    launch = ("launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp") if policy == "skip" else ()
-    args = _args(tmp_path, inputs, stages, *launch, f"train_t2i.nan_policy={policy}", "checkpoint.every_steps=2")
-    result = run_recap(args, env={"RECAP_FAULT": f"nan@step=3,rank={1 if policy == 'skip' else 0}"}, timeout=600)
+    # One process: every rank decides from the loss averaged over ranks (train/loop.py), so a NaN on one
+    # rank is a NaN on all; the 2-process case belongs to the fault-injection suite.
+    args = _args(tmp_path, inputs, stages, f"train_t2i.nan_policy={policy}", "checkpoint.every_steps=2")
+    result = run_recap(args, env={"RECAP_FAULT": "nan@step=3,rank=0"}, timeout=600)
     run_dir = tmp_path / "toy" / "train_t2i"
     if policy == "fail":
         assert result.returncode == 4, result.stderr[-3000:]
@@ -163,3 +161,14 @@ def test_a_nan_on_one_rank_fails_or_skips_on_both(policy: str, inputs, tmp_path:
     assert all(torch.isfinite(w).all() for w in weights.values())
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "skipped_step"] == [3]
+
+
+def test_caption_mix_sweep_is_one_multirun_with_a_run_directory_per_point(inputs, tmp_path: Path) -> None:
+    stages = "[{resolution: 64, steps: 1, global_batch_size: 8, micro_batch_size: 8}]"
+    _ok([*_args(tmp_path, inputs, stages, "train_t2i.ema_decay=null"), "-m", "caption_mix.dsc=0.0,1.0"])
+    sweep = tmp_path / "toy" / "sweeps" / "train_t2i"
+    mixes = [json.loads((sweep / str(n) / "summary.json").read_text())["caption_mix"] for n in (0, 1)]
+    # dsc=0: every sample draws the alt-text; those without one fall back to their DSC
+    assert mixes[0]["caption_mix/txt"] > 0.7 and mixes[0]["caption_mix/dsc"] == mixes[0]["caption_mix/fallback"]
+    assert (mixes[1]["caption_mix/txt"], mixes[1]["caption_mix/dsc"], mixes[1]["caption_mix/fallback"]) == (0, 1, 0)
+    assert (sweep / "0" / "pipeline" / "model_index.json").is_file() and (sweep / "1" / "pipeline").is_dir()
