@@ -53,3 +53,14 @@ def toy_tokenizer(max_tokens: int = 64):
     colours, shapes = ["red", "blue", "green", "orange", "purple"], ["circle", "square", "cross", "star", "heart"]
     corpus = [f"a large striped {c} {s} in the top left on a beige background" for c in colours for s in shapes]
     return train_caption_tokenizer(corpus * 4, vocab_size=200, max_tokens=max_tokens)
+
+
+def run_stage(stage: str, overrides: list[str]) -> dict:
+    """Run a stage in this process (as `recap STAGE overrides` would, without the launcher and its
+    interpreter start-up); returns its summary. ``stage`` is the module name: ``train_vae``."""
+    import importlib
+
+    from train.config_loading import load_experiment
+
+    cfg = load_experiment(overrides)
+    return importlib.import_module(f"train.{stage}").run(cfg, cfg.run.dir / stage)

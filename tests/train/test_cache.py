@@ -11,8 +11,7 @@ import torch
 
 from data_pipeline import latent_cache
 from data_pipeline.shard_io import iter_raw_samples
-from tests.helpers import logged_losses, run_recap, toy_tokenizer, write_captioned_shards
-from train.config_loading import load_experiment
+from tests.helpers import logged_losses, run_recap, run_stage, toy_tokenizer, write_captioned_shards
 
 pytestmark = pytest.mark.slow
 STAGES = "[{resolution: 64, steps: 3, global_batch_size: 4, micro_batch_size: 4}, " \
@@ -53,11 +52,7 @@ def _overrides(root: Path, inputs: dict[str, Path], *extra: str) -> list[str]:
             "cache.batch_size=5", "checkpoint.every_steps=100", f"cache.output={root}/cache", *extra]
 
 
-def _run(stage: str, overrides: list[str]) -> dict:
-    import importlib
-
-    cfg = load_experiment(overrides)
-    return importlib.import_module(f"train.{stage}").run(cfg, cfg.run.dir / stage)
+_run = run_stage
 
 
 def test_cache_holds_every_stage_and_caption_and_trains_like_raw_images(inputs, tmp_path: Path) -> None:

@@ -1,0 +1,83 @@
+"""Pieces of train-t2i tested in process: EMA update math, gradient checkpointing, the staged LR
+schedule, and the toy T5 being the same in every stage that builds it."""
+
+from __future__ import annotations
+
+import torch
+
+from train.checkpointing import TrainState
+from train.config_schema import OptimizerConfig
+from train.optimization import staged_lr_factor
+from train.train_t2i import EmaWeights
+
+
+def test_ema_follows_diffusers_decay_schedule_in_a_module_copy() -> None:
+    model = torch.nn.Linear(3, 2)
+    ema = EmaWeights(model, decay=0.5, device=torch.device("cpu"))
+    state = TrainState()
+    shadow = [p.detach().clone() for p in model.parameters()]
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(step))
+        ema.step(model.parameters(), state)
+        # diffusers: decay = min(0.5, (1 + s) / (10 + s)) with s = step - 1, and 0 at the first step
+        s = step - 1
+        decay = 0.0 if s == 0 else min(0.5, (1 + s) / (10 + s))
+        shadow = [decay * old + (1 - decay) * p.detach() for old, p in zip(shadow, model.parameters())]
+        for expected, got in zip(shadow, ema.module.parameters()):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert state.extra["ema_steps"] == 5
+    assert all(not p.requires_grad for p in ema.module.parameters())
+    again = EmaWeights(model, decay=0.5, device=torch.device("cpu"))
+    again.restored(state)  # a resumed run continues the decay schedule where it was
+    assert again.ema.optimization_step == 5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    from train.config_loading import load_experiment
+    from train.t2i_parts import build_denoiser
+
+    unet = load_experiment([]).unet
+    torch.manual_seed(0)
+    plain = build_denoiser(unet, text_dim=16, latent_channels=4)
+    checkpointed = build_denoiser(unet, text_dim=16, latent_channels=4)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.unet.enable_gradient_checkpointing()
+    checkpointed.train()
+    plain.train()
+    g = torch.Generator().manual_seed(1)
+    noisy, states = torch.randn(2, 4, 8, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    t = torch.tensor([10, 900])
+    for model in (plain, checkpointed):
+        model(noisy, t, states * mask[..., None], mask).square().mean().backward()
+    assert checkpointed.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_each_resolution_stage_warms_up_to_its_own_lr() -> None:
+    cfg = OptimizerConfig(lr=1e-3, warmup_steps=2, schedule="constant")
+    starts, lengths, lrs = (0, 4), (4, 3), (1e-3, 2e-4)
+    factors = [staged_lr_factor(step, cfg, starts, lengths, lrs) for step in range(7)]
+    assert factors == [0.5, 1.0, 1.0, 1.0, 0.1, 0.2, 0.2]
+
+
+def test_the_toy_t5_is_the_same_wherever_it_is_built(tmp_path) -> None:
+    from data_pipeline.caption_tokenizer import save_tokenizer
+    from tests.helpers import toy_tokenizer
+    from train.config_loading import load_experiment
+    from train.t2i_parts import load_text_encoder
+
+    save_tokenizer(toy_tokenizer(16), tmp_path / "tok")
+    te = load_experiment([f"text_encoder.tokenizer={tmp_path / 'tok'}"]).text_encoder
+    torch.manual_seed(123)  # the global RNG does not matter, and is left as it was
+    before = torch.random.get_rng_state()
+    _, a = load_text_encoder(te, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    _, b = load_text_encoder(te, seed=0)
+    _, c = load_text_encoder(te, seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
