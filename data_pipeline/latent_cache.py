@@ -8,6 +8,7 @@ text members and json, drops its image, and gains ``KEY.cache.safetensors`` hold
     latents@<res>  (C, h, w)  scaled VAE latents (posterior mean) of the centre crop at the
                               sample's bucket of base resolution <res>, in the cache dtype
     bucket@<res>   (2,) int64 the bucket's (width, height) in pixels
+    crop@<res>     (2,) int64 the crop's (top, left) in the image resized to cover the bucket
     t5@<key>       (T, D)     unpadded T5 states of caption key <key> (ending in </s>); absent
                               when the sample has no such caption
 

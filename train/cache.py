@@ -61,15 +61,16 @@ def check(cfg: ExperimentConfig) -> list[str]:
 
 
 class _Fit:
-    """PIL image -> (uint8 pixels (3, H, W) of its centre crop at its bucket, bucket index); a
-    worker-side transform (picklable)."""
+    """PIL image -> (uint8 pixels (3, H, W) of its centre crop at its bucket, bucket index, crop
+    (top, left) in the resized image); a worker-side transform (picklable)."""
 
     def __init__(self, table: list[Bucket]) -> None:
         self.table = table
 
-    def __call__(self, image: Any) -> tuple[torch.Tensor, int]:
+    def __call__(self, image: Any) -> tuple[torch.Tensor, int, tuple[int, int]]:
         index = nearest_bucket(image.width, image.height, self.table)
-        return to_uint8_chw(fit(image, place(image.width, image.height, self.table[index]))), index
+        placement = place(image.width, image.height, self.table[index])
+        return to_uint8_chw(fit(image, placement)), index, (placement.top, placement.left)
 
 
 def _as_list(items: list[Any]) -> list[Any]:
@@ -105,16 +106,17 @@ class _Features:
             out.append({**kept, latent_cache.CACHE_MEMBER: latent_cache.encode_entry(entry)})
         return out
 
-    def _latents(self, fitted: list[tuple[torch.Tensor, int]], resolution: int, table: list[Bucket],
-                 entries: list[dict[str, torch.Tensor]]) -> None:
-        for index in sorted({b for _, b in fitted}):  # one VAE call per bucket present
-            rows = [i for i, (_, b) in enumerate(fitted) if b == index]
+    def _latents(self, fitted: list[tuple[torch.Tensor, int, tuple[int, int]]], resolution: int,
+                 table: list[Bucket], entries: list[dict[str, torch.Tensor]]) -> None:
+        for index in sorted({b for _, b, _ in fitted}):  # one VAE call per bucket present
+            rows = [i for i, (_, b, _) in enumerate(fitted) if b == index]
             pixels = torch.stack([fitted[i][0] for i in rows]).to(self.device)
             latents = self.frozen.latents(pixels)  # (n, C, h, w)
             for row, lat in zip(rows, latents, strict=True):
                 entries[row][latent_cache.latents_name(resolution)] = lat.to(self.dtype)
                 entries[row][latent_cache.bucket_name(resolution)] = torch.tensor(
                     [table[index].width, table[index].height], dtype=torch.long)
+                entries[row][f"crop@{resolution}"] = torch.tensor(fitted[row][2], dtype=torch.long)
 
     def _states(self, samples: list[tuple[str, dict[str, bytes]]], key: str,
                 entries: list[dict[str, torch.Tensor]]) -> None:

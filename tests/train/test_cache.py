@@ -84,7 +84,7 @@ def test_cache_holds_every_stage_and_caption_and_trains_like_raw_images(inputs, 
         for res in (64, 128):
             width, height = entry[f"bucket@{res}"].tolist()
             assert entry[f"latents@{res}"].shape == (4, height // 8, width // 8) and width * height <= res * res
-            assert entry[f"latents@{res}"].dtype == torch.bfloat16
+            assert entry[f"latents@{res}"].dtype == torch.bfloat16 and entry[f"crop@{res}"].shape == (2,)
         for key, member in (("dsc", "dsc.txt"), ("ssc", "ssc.txt"), ("txt", "txt")):
             if original.get(member, b"").strip():
                 states = entry[f"t5@{key}"]

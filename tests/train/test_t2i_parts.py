@@ -81,3 +81,32 @@ def test_the_toy_t5_is_the_same_wherever_it_is_built(tmp_path) -> None:
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_bf16_autocast_trains_like_fp32(tmp_path) -> None:
+    """runtime.precision=bf16 (the GPU default) also runs on the CPU: the same steps as fp32, with the
+    loss within bf16's rounding."""
+    from data_pipeline.caption_tokenizer import save_tokenizer
+    from data_pipeline.options import ToyDataOptions
+    from data_pipeline.toy_shards import write_ground_truth_captions, write_toy_dataset
+    from models.vae import build_vae
+    from tests.helpers import logged_losses, run_stage, toy_tokenizer
+
+    options = ToyDataOptions(train_shards=1, heldout_shards=1, samples_per_shard=8, seed=2, processes=1)
+    write_toy_dataset({"train": tmp_path / "train", "heldout": tmp_path / "heldout"}, options, progress=False)
+    shards = write_ground_truth_captions(tmp_path / "train", tmp_path / "captioned")
+    save_tokenizer(toy_tokenizer(16), tmp_path / "tok")
+    torch.manual_seed(0)
+    build_vae([8, 16, 16, 16], layers_per_block=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")
+    common = [f"train_t2i.input={shards}", f"train_t2i.vae={tmp_path / 'vae'}", f"text_encoder.tokenizer={tmp_path / 'tok'}",
+              "text_encoder.max_tokens=16", "train_t2i.stages=[{resolution: 64, steps: 3, global_batch_size: 4, "
+              "micro_batch_size: 4}]", "train_t2i.sampling.every_steps=null", "logger.wandb.mode=disabled",
+              "logger.progress=false", "data.reader.num_workers=0", "data.reader.open_shards=1"]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        summary = run_stage("train_t2i", [f"run.root={tmp_path / precision}", f"runtime.precision={precision}", *common])
+        assert summary["steps"] == 3
+        losses[precision] = [v[-1] for _, v in sorted(logged_losses(tmp_path / precision / "toy" / "train_t2i").items())]
+    assert losses["bf16"] != losses["fp32"]  # autocast did run in bf16
+    for a, b in zip(losses["fp32"], losses["bf16"]):
+        assert abs(a - b) < 0.05 * a
