@@ -14,6 +14,7 @@ classifier-free-guidance dropout to the empty caption) until the stage's last st
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from train.t2i_export import export_trained, sample_grid, trained_weights
 from train.typed_config import ConfigError
 
 STAGE = "train_t2i"
+log = logging.getLogger("recap")
 # Keys that change what this stage computes: a resume with any of them changed is refused.
 RESUME_KEYS = ("seed", "train_t2i", "caption_mix", "text_encoder", "unet", "diffusion", "data.reader",
                "runtime.kind", "runtime.zero_stage", "runtime.precision")
@@ -202,7 +204,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         _check_cache(cfg)
     rt = start_runtime(cfg.runtime, micro_batch_size=stages[0].micro_batch_size, grad_accum=accums[0],
                        grad_clip=t.grad_clip)
-    log = setup_logging(run_dir, STAGE, rt.rank)
+    setup_logging(run_dir, STAGE, rt.rank)
     if rt.is_main:
         write_config_snapshot(run_dir, cfg)
 
@@ -279,9 +281,7 @@ def _enter_stage(cfg: ExperimentConfig, rt: Runtime, model: Any, batches: Bucket
     rt.set_accumulation(model, micro_batch_size=stage.micro_batch_size, grad_accum=accums[index])
     parts.metrics.event(parts.state.step, "resolution_stage", index=index, resolution=stage.resolution,
                         buckets=len(transform.table), read_ahead_dropped=dropped)
-    import logging
-
-    logging.getLogger("recap").info(
+    log.info(
         "resolution stage %d/%d: %dpx (%d buckets: %s), steps %d-%d, global batch %d (%d x %d micro-batches of %d), "
         "lr %g%s", index + 1, len(stages), stage.resolution, len(transform.table),
         " ".join(str(b) for b in transform.table), stage_starts(stages)[index] + 1,
