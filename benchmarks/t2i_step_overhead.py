@@ -168,7 +168,7 @@ def main() -> None:
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print(f"train-t2i step, unet={args.unet}, {args.resolution}px, batch {args.batch}, "
           f"{len(times['ours'])} timed steps per side ({torch.get_num_threads()} threads)")
-    print(f"| side | ms/step (median) | vs bare |\n|---|---:|---:|")
+    print("| side | ms/step (median) | vs bare |\n|---|---:|---:|")
     for side in ("bare", "ours"):
         print(f"| {side} | {med[side]:.1f} | {med[side] / med['bare']:.3f} |")
 
