@@ -15,6 +15,7 @@ ratio ours/bare (goal: <= 1.05).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -61,7 +62,7 @@ def _parts(cfg: Any, tmp: Path, tokenizer_dir: Path) -> tuple[FrozenEncoders, An
     corpus = [f"a large striped {c} {s} in the top left on a beige background" for c in colours for s in shapes]
     save_tokenizer(train_caption_tokenizer(corpus * 4, vocab_size=200, max_tokens=cfg.text_encoder.max_tokens),
                    tokenizer_dir)
-    te = cfg.text_encoder.__class__(**{**vars(cfg.text_encoder), "tokenizer": str(tokenizer_dir)})
+    te = dataclasses.replace(cfg.text_encoder, tokenizer=str(tokenizer_dir))
     tokenizer, t5 = load_text_encoder(te, cfg.seed)
     v = cfg.vae
     vae = build_vae(v.block_out_channels, layers_per_block=v.layers_per_block, latent_channels=v.latent_channels,

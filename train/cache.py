@@ -32,7 +32,7 @@ from data_pipeline.t2i_samples import pad_token_ids, to_uint8_chw
 from launch.ranks import RankError, job_rank_and_world
 from train.config_schema import ExperimentConfig
 from train.fault_injection import maybe_fail
-from train.recaption import _placement, output_name
+from train.recaption import inference_placement, output_name
 from train.t2i_parts import load_frozen
 from train.typed_config import ConfigError
 
@@ -168,7 +168,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     if rank == 0:
         write_config_snapshot(run_dir, cfg)
     tasks, already_done = _tasks(urls, Path(c.output), rank, world)
-    device, bf16 = _placement(cfg)
+    device, bf16 = inference_placement(cfg)
     features = _Features(cfg, device, bf16)
     logger.info("rank %d/%d: %d of %d shards are mine, %d already done, %d to write; resolutions %s, keys %s, %s (%s)",
                 rank, world, len(tasks) + already_done, len(urls), already_done, len(tasks),

@@ -151,7 +151,7 @@ class _Captioners:
         return out
 
 
-def _placement(cfg: ExperimentConfig) -> tuple[Any, bool]:
+def inference_placement(cfg: ExperimentConfig) -> tuple[Any, bool]:
     """(device, bf16) for inference: this process's GPU when there is one, else the CPU."""
     import torch
 
@@ -195,7 +195,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     if rank == 0:
         write_config_snapshot(run_dir, cfg)
     tasks, already_done = _tasks(r, urls, rank, world)
-    device, bf16 = _placement(cfg)
+    device, bf16 = inference_placement(cfg)
     captioners = _Captioners(r, device, bf16)
     logger.info("rank %d/%d: %d of %d input shards are mine, %d already done, %d to write (%s, %s)", rank, world,
                 len(tasks) + already_done, len(urls), already_done, len(tasks), device, "bf16" if bf16 else "fp32")
