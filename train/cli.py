@@ -53,6 +53,17 @@ STAGES: dict[str, Stage] = {
                    "into cache shards for train-t2i (distributed, resumable).", precheck=True),
     "train-t2i": Stage("train.train_t2i", "Train the T5-conditioned latent diffusion UNet on the recaptioned shards "
                        "(caption mix, buckets, progressive resolution, EMA); export a diffusers pipeline.", precheck=True),
+    "sample": Stage("train.sample", "Generate images from prompts with the trained pipeline (CFG, DDIM or "
+                    "DPM-Solver++, any bucket size, EMA or raw weights, optional prompt rewriter)."),
+    "train-eval-clip": Stage("train.train_eval_clip", "Toy: train the evaluation CLIP and the attribute probe on "
+                             "held-out ground truth (reports their accuracy on real images).",
+                             batch_section="train_eval_clip"),
+    "evaluate": Stage("train.evaluate", "CLIP score (vs alt-text and DSC references) and attribute-binding accuracy "
+                      "of generated images; JSON + markdown table."),
+    "sweep-report": Stage("train.sweep_report", "Table and plot of the evaluation metrics over the points of a "
+                          "sweep (e.g. the caption-mix sweep)."),
+    "pipeline": Stage("train.pipeline", "Run every stage in order (complete ones are skipped) and write "
+                      "runs/<experiment>/report.md; with -m, one train-t2i..evaluate per sweep point."),
 }
 _FLAGS_WITH_VALUE = {"--cfg", "-c"}
 _CFG_VALUES = ("job", "hydra", "all")
@@ -67,7 +78,7 @@ def _print_help() -> None:
     for name, stage in STAGES.items():
         print(f"  {name:<{width}}  {stage.summary}")
     print("\n`recap STAGE --help` lists the config groups; `recap STAGE --cfg job` prints the composed config.")
-    print("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint.")
+    print("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged.")
 
 
 def _print_stage_help(name: str) -> None:

@@ -1,8 +1,10 @@
-"""What train-t2i hands on: sample grids during training and the exported diffusers pipeline.
+"""What train-t2i hands on: sample grids during training, the exported diffusers pipeline, and
+loading it back for sampling and evaluation.
 
 Both use the weights a user would sample from: the EMA copy when there is one (whole on every
 rank), else the live weights gathered from the runtime (a collective under ZeRO-3, so every
-rank calls `trained_weights`; only the main rank generates and writes).
+rank calls `trained_weights`; only the main rank generates and writes). With EMA, the live
+weights are exported too (``raw_weights/{unet,caption_transformer}``), for `sample.sampler.weights=raw`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import torch
 
 from models.denoiser import CaptionConditionedUNet
 from models.pipeline import RecapPipeline, export_pipeline
+from models.text_conditioning import CaptionTransformer
+from train.config_sampling import SamplerConfig
 from train.runtime import Runtime
 from train.t2i_parts import FrozenEncoders
+from train.typed_config import ConfigError
 
 
 def trained_weights(rt: Runtime, model: Any, ema: CaptionConditionedUNet | None,
@@ -66,3 +71,55 @@ def export_trained(folder: Path, *, weights: CaptionConditionedUNet, frozen: Fro
     return export_pipeline(folder, tokenizer=frozen.tokenizer, text_encoder=frozen.text_encoder,
                            caption_transformer=weights.caption_transformer, unet=weights.unet, vae=frozen.vae,
                            scheduler=noise)
+
+
+RAW_IS_EXPORT = "same_as_pipeline.json"  # raw_weights/ of a run without EMA: the export holds the live weights
+
+
+def export_raw_weights(folder: Path, weights: CaptionConditionedUNet | None) -> Path:
+    """The live (non-EMA) unet and caption_transformer as diffusers folders under ``folder``, or,
+    for a run without EMA (``weights`` None), a note that pipeline/ holds them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if weights is None:
+        (folder / RAW_IS_EXPORT).write_text('{"ema": false}\n')
+        return folder
+    weights.unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    weights.caption_transformer.save_pretrained(str(folder / "caption_transformer"), safe_serialization=True)
+    return folder
+
+
+def sampling_scheduler(name: str, noise_config: Any) -> Any:
+    """``ddim`` or ``dpmpp`` (DPM-Solver++ 2M) on the training noise schedule ``noise_config``."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(noise_config)
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(noise_config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown scheduler {name!r}; choose ddim or dpmpp")
+
+
+def load_sampler(options: SamplerConfig, device: torch.device, dtype: torch.dtype = torch.float32,
+                 key: str = "sampler") -> RecapPipeline:
+    """The exported pipeline at ``options.pipeline`` on ``device``, with the scheduler named by
+    ``options.scheduler`` and, for ``weights=raw``, the live weights from ``options.raw_weights``
+    (the export itself when train-t2i ran without EMA). ConfigError (naming ``key``) when a
+    folder is missing."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(options.pipeline)
+    if not (folder / "model_index.json").is_file():
+        raise ConfigError(f"{key}.pipeline", f"{folder} is not an exported pipeline (no model_index.json); run "
+                          "`recap train-t2i` first or point it at train-t2i's <run>/pipeline folder")
+    pipe = RecapPipeline.from_pretrained(str(folder))
+    if options.weights == "raw":
+        raw = Path(options.raw_weights or "")
+        if (raw / "unet").is_dir():
+            pipe.unet = UNet2DConditionModel.from_pretrained(str(raw / "unet"))
+            pipe.caption_transformer = CaptionTransformer.from_pretrained(str(raw / "caption_transformer"))
+        elif not (raw / RAW_IS_EXPORT).is_file():
+            raise ConfigError(f"{key}.raw_weights", f"{raw} holds no unet/ folder; train-t2i writes it next to "
+                              "pipeline/ when it trains with EMA")
+    pipe.scheduler = sampling_scheduler(options.scheduler, pipe.scheduler.config)
+    pipe.to(device, dtype)
+    return pipe

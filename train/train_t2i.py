@@ -3,7 +3,8 @@
 Reads: seed, train_t2i, caption_mix, text_encoder, unet, diffusion, data.reader, runtime,
 checkpoint, resume, logger. Writes <run_dir>/checkpoints/, metrics.jsonl, samples/*.png,
 summary.json and pipeline/ (diffusers folders: unet, vae, text_encoder, tokenizer, scheduler,
-caption_transformer; the EMA weights when train_t2i.ema_decay is set).
+caption_transformer; the EMA weights when train_t2i.ema_decay is set) and raw_weights/ (the live
+unet and caption_transformer beside an EMA export).
 
 The algorithm, as `run` reads: frozen T5 + VAE, the xf stage + UNet and their EMA, bucketed
 batches of recaptioned shards (one caption per sample from the caption mix), then for each
@@ -41,7 +42,7 @@ from train.resolution_schedule import ResolutionStage, check_schedule, stage_at,
 from train.run_logging import finish_stage, setup_logging, write_config_snapshot
 from train.runtime import Runtime, seed_everything, start_runtime
 from train.t2i_parts import FrozenEncoders, build_denoiser, load_frozen
-from train.t2i_export import export_trained, sample_grid, trained_weights
+from train.t2i_export import export_raw_weights, export_trained, sample_grid, trained_weights
 from train.typed_config import ConfigError
 
 STAGE = "train_t2i"
@@ -230,9 +231,11 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     log.info("%s: %d trainable parameters (xf + UNet), %d process(es), %s, %s; stages %s", STAGE, trainable,
              rt.world_size, rt.device, rt.precision, " -> ".join(f"{s.resolution}px x {s.steps}" for s in stages))
 
+    def build() -> Any:
+        return build_denoiser(cfg.unet, text_dim=frozen.text_dim, latent_channels=frozen.vae.config.latent_channels)
+
     def weights() -> Any:  # what samples and the export use (collective without EMA)
-        return trained_weights(rt, model, ema.module if ema else None, lambda: build_denoiser(
-            cfg.unet, text_dim=frozen.text_dim, latent_channels=frozen.vae.config.latent_channels))
+        return trained_weights(rt, model, ema.module if ema else None, build)
 
     def after_step(st: TrainState) -> None:
         if ema:
@@ -254,10 +257,12 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                                    after_step=after_step, report=lambda: _mix_report(rt, batches)))
 
     final = weights()
+    raw = trained_weights(rt, model, None, build) if ema else None  # collective
     grid = _samples(cfg, rt, parts, frozen, final, state.step, stages, objective)
     export = run_dir / "pipeline"
     if rt.is_main:
         export_trained(export, weights=final, frozen=frozen, noise=objective.noise)
+        export_raw_weights(run_dir / "raw_weights", raw)
     rt.barrier()
     summary = {**(results[-1] if results else {"steps": state.step}), "resumed": resumed, "processes": rt.world_size,
                "runtime": rt.name, "stages": [f"{s.resolution}px x {s.steps}" for s in stages],

@@ -15,9 +15,9 @@ from train.config_loading import GROUP_PACKAGES, check_overrides, config_groups,
 from train.typed_config import ConfigError
 
 RECAP = Path(sys.executable).with_name("recap")
-TOP_KEYS = ("cache, caption, caption_mix, captioner, checkpoint, data, diffusion, evaluate_captioner, finetune_captioner, launcher, logger, "
-            "pretrain_captioner, recaption, resume, run, runtime, seed, text_encoder, "
-            "train_t2i, train_tokenizer, train_vae, unet, vae")
+TOP_KEYS = ("cache, caption, caption_mix, captioner, checkpoint, data, diffusion, evaluate, evaluate_captioner, "
+            "finetune_captioner, launcher, logger, pipeline, pretrain_captioner, recaption, resume, run, runtime, "
+            "sample, seed, sweep_report, text_encoder, train_eval_clip, train_t2i, train_tokenizer, train_vae, unet, vae")
 
 
 def _recap(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def test_top_level_help_lists_every_stage(workdir):
     assert lines[0] == "usage: recap STAGE [key=value ...] [group=option ...] [-m]"
     for name, stage in STAGES.items():
         assert any(line.split()[:1] == [name] and line.rstrip().endswith(stage.summary) for line in lines), name
-    assert "Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint." in lines
+    assert "Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged." in lines
     assert list(workdir.iterdir()) == []
 
 
@@ -72,7 +72,7 @@ def test_stage_help_lists_groups_and_options(workdir):
 # message, a tuple lists fragments that must all appear)
 ERRORS = [
     pytest.param(["trian-vae"], "trian-vae",
-                 "unknown stage 'trian-vae' (did you mean 'train-vae'?); stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, cache, train-t2i",
+                 "unknown stage 'trian-vae' (did you mean 'train-vae'?); stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, cache, train-t2i, sample, train-eval-clip, evaluate, sweep-report, pipeline",
                  id="unknown-stage"),
     pytest.param(["train-vae", "data.tarin=x"], "train-vae",
                  "data.tarin: unknown config key (did you mean 'train'?); valid keys under 'data': "
@@ -204,7 +204,7 @@ def test_sweep_keys():
         (["train-vae", "--cfg"], "recap train-vae: error: --cfg needs a value: job, hydra or all"),
         (["train-vae", "-c", "seed=1"], "recap train-vae: error: -c needs a value: job, hydra or all"),
         (["tarin-vae"], "recap tarin-vae: error: unknown stage 'tarin-vae' (did you mean 'train-vae'?); "
-                        "stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, cache, train-t2i"),
+                        "stages: make-toy-data, pretrain-captioner, finetune-captioner, caption, evaluate-captioner, recaption, train-tokenizer, train-vae, cache, train-t2i, sample, train-eval-clip, evaluate, sweep-report, pipeline"),
     ],
 )
 def test_main_in_process_usage_errors(argv, message, capsys):

@@ -103,8 +103,8 @@ def test_toy_experiment_is_tiny_and_local():
     assert cfg.data.toy is not None
     assert (cfg.data.train, cfg.data.heldout) == ("runs/toy/toy_data/train", "runs/toy/toy_data/heldout")
     assert (cfg.runtime.kind, cfg.launcher.kind) == ("single", "local")
-    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (300, 16, 16)
-    assert (cfg.train_vae.optimizer.lr, cfg.train_vae.optimizer.warmup_steps) == (1e-3, 20)
+    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (120, 16, 16)
+    assert (cfg.train_vae.optimizer.lr, cfg.train_vae.optimizer.warmup_steps) == (2e-3, 20)
     assert cfg.train_vae.optimizer.betas == (0.9, 0.999)
     assert cfg.checkpoint.every_steps == 100
 

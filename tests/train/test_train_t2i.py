@@ -84,6 +84,11 @@ def test_toy_run_trains_mixes_captions_and_exports_the_ema_pipeline(inputs, tmp_
     for name, tensor in xf.state_dict().items():
         assert torch.equal(tensor, ema[f"caption_transformer.{name}"]), name
     assert any(not torch.equal(ema[k], live[k]) for k in live)  # EMA is not the live weights
+    raw_unet = UNet2DConditionModel.from_pretrained(run_dir / "raw_weights" / "unet")  # for sample weights=raw
+    raw_xf = CaptionTransformer.from_pretrained(run_dir / "raw_weights" / "caption_transformer")
+    for prefix, module in (("unet", raw_unet), ("caption_transformer", raw_xf)):
+        for name, tensor in module.state_dict().items():
+            assert torch.equal(tensor, live[f"{prefix}.{name}"]), name
 
 
 # Stage 1: 4 images per step as 2 ranks x 1 micro-batch of 2; stage 2 at 128 px: 2 ranks x 2 micro-batches of 1

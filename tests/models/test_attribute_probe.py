@@ -1,0 +1,102 @@
+"""The attribute probe: targets from the toy ground truth json, head shapes, accuracy, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.toy_captions import main_subject
+from data_pipeline.toy_scenes import sample_scene, scene_ground_truth
+from models.attribute_probe import (
+    ATTRIBUTES, CLASSES, NO_WORD, AttributeProbe, ProbeSpec, binding_accuracy, load_probe, main_object,
+    majority_classes, predict, probe_loss, probe_targets, save_probe, stack_targets,
+)
+
+
+def _obj(shape: str, colour: str, texture: str, box: list[int]) -> dict:
+    return {"shape": shape, "colour": colour, "size": "medium", "texture": texture, "position": "center", "box": box}
+
+
+def _spec(size: int = 32) -> ProbeSpec:
+    return ProbeSpec(image_size=size, channels=(8, 16), classes=CLASSES, majority={name: 0 for name in ATTRIBUTES})
+
+
+def test_targets_name_the_main_subject_the_count_and_the_word() -> None:
+    truth = {"objects": [_obj("circle", "red", "solid", [0, 0, 10, 10]),
+                         _obj("star", "blue", "striped", [20, 20, 40, 40]),  # the largest box: the main subject
+                         _obj("heart", "pink", "dotted", [50, 0, 60, 10])],
+             "text": {"word": "apple", "colour": "green", "box": [0, 50, 30, 60]}, "background": "white"}
+    t = probe_targets(truth)
+    assert {name: CLASSES[name][t[name]] for name in ATTRIBUTES} == {
+        "colour": "blue", "shape": "star", "texture": "striped", "count": "3", "word": "apple"}
+    no_word = probe_targets({**truth, "text": None, "objects": truth["objects"][:1]})
+    assert CLASSES["word"][no_word["word"]] == NO_WORD and no_word["word"] == 0
+    assert CLASSES["count"][no_word["count"]] == "1" and CLASSES["shape"][no_word["shape"]] == "circle"
+
+
+def test_main_object_is_toy_captions_main_subject_on_sampled_scenes() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        truth = json.loads(json.dumps(scene_ground_truth(scene)))  # as read back from KEY.json
+        main = main_subject(scene)
+        assert main_object(truth["objects"])["box"] == list(main.box)
+        t = probe_targets(truth)
+        assert (CLASSES["colour"][t["colour"]], CLASSES["shape"][t["shape"]], CLASSES["texture"][t["texture"]]) == (
+            main.colour, main.shape, main.texture)
+        assert int(CLASSES["count"][t["count"]]) == len(scene.objects)
+    tie = [_obj("circle", "red", "solid", [0, 0, 10, 10]), _obj("star", "blue", "solid", [20, 20, 30, 30])]
+    assert main_object(tie)["shape"] == "circle"  # equal areas: the first
+
+
+@pytest.mark.parametrize("truth", [{"caption": "web data, no ground truth"}, {"objects": [], "text": None},
+                                   {"objects": [_obj("circle", "red", "solid", [0, 0, 1, 1])] * 5, "text": None}])
+def test_targets_refuse_what_is_not_toy_ground_truth(truth: dict) -> None:
+    with pytest.raises(ValueError, match="toy ground truth"):
+        probe_targets(truth)
+
+
+def test_heads_have_one_logit_per_class_at_any_input_size() -> None:
+    torch.manual_seed(0)
+    probe = AttributeProbe(_spec()).eval()
+    logits = probe(torch.rand(3, 3, 32, 32))
+    assert {name: tuple(v.shape) for name, v in logits.items()} == {
+        "colour": (3, 8), "shape": (3, 8), "texture": (3, 3), "count": (3, 4), "word": (3, 47)}
+    predicted = predict(probe, torch.rand(2, 3, 48, 80))  # resized to 32 x 32 inside
+    assert {name: (tuple(v.shape), v.dtype) for name, v in predicted.items()} == {
+        name: ((2,), torch.int64) for name in ATTRIBUTES}
+    targets = stack_targets([{name: k for name in ATTRIBUTES} for k in (1, 2, 0)])
+    expected = sum(F.cross_entropy(logits[name], targets[name]) for name in ATTRIBUTES) / len(ATTRIBUTES)
+    assert probe_loss(logits, targets).item() == pytest.approx(expected.item())
+
+
+def test_binding_accuracy_and_majority_on_known_labels() -> None:
+    targets = {name: torch.tensor([0, 1, 1, 2]) for name in ATTRIBUTES}
+    predicted = {**{name: torch.tensor([0, 1, 1, 2]) for name in ATTRIBUTES}, "shape": torch.tensor([0, 0, 0, 0]),
+                 "word": torch.tensor([2, 2, 2, 2])}
+    acc = binding_accuracy(predicted, targets)
+    assert acc == {"colour": 1.0, "shape": 0.25, "texture": 1.0, "count": 1.0, "word": 0.25,
+                   "mean": pytest.approx((3 + 0.25 + 0.25) / 5)}
+    assert majority_classes(targets) == {name: 1 for name in ATTRIBUTES}
+
+
+def test_save_and_load_give_the_same_predictions(tmp_path) -> None:
+    torch.manual_seed(0)
+    probe = AttributeProbe(_spec()).eval()
+    images = torch.rand(4, 3, 32, 32)
+    folder = save_probe(probe, tmp_path / "probe")
+    loaded = load_probe(folder)
+    assert loaded.spec == probe.spec
+    for name, value in probe(images).items():
+        assert torch.equal(value, loaded(images)[name]), name
+    with pytest.raises(FileNotFoundError, match="not a saved attribute probe"):
+        load_probe(tmp_path / "missing")
+    config = json.loads((folder / "probe.json").read_text())
+    config["classes"]["colour"] = config["classes"]["colour"][:-1]
+    (folder / "probe.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="classes differ"):
+        load_probe(folder)
