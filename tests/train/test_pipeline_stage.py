@@ -1,0 +1,78 @@
+"""`recap pipeline`: the plan of stage commands (experiment and sweep-point layouts), skipping
+complete stages, stopping at a failed one, continuing after it, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_recap
+from train.pipeline import plan
+from train.typed_config import ConfigError
+
+STAGES = ["make-toy-data", "finetune-captioner style=ssc", "cache", "train-t2i", "sample", "train-eval-clip", "evaluate"]
+
+
+def test_plan_of_an_experiment(tmp_path: Path) -> None:
+    steps = plan(STAGES, experiment_dir=tmp_path / "toy")
+    assert [s.stage for s in steps] == ["make-toy-data", "finetune-captioner", "cache", "train-t2i", "sample",
+                                        "train-eval-clip", "evaluate"]
+    assert [s.out_dir for s in steps] == [tmp_path / "toy" / d for d in (
+        "make_toy_data", "finetune_captioner/ssc", "cache", "train_t2i", "sample", "train_eval_clip", "evaluate")]
+    assert steps[1].args == ("style=ssc",) and all(s.args == () for s in steps[2:])
+
+
+def test_plan_of_a_sweep_point_runs_what_the_caption_mix_changes_in_the_point(tmp_path: Path) -> None:
+    point = tmp_path / "toy" / "sweeps" / "pipeline" / "3"
+    steps = plan(STAGES, experiment_dir=tmp_path / "toy", point_dir=point)
+    for shared in (steps[2], steps[5]):  # cache, train-eval-clip: once for every point
+        assert shared.out_dir.parent == tmp_path / "toy" and shared.args == ()
+    assert [s.out_dir for s in (steps[3], steps[4], steps[6])] == [point / "train_t2i", point / "sample",
+                                                                     point / "evaluate"]
+    assert steps[3].args == (f"hydra.run.dir={point / 'train_t2i'}",)
+    assert steps[4].args == (f"hydra.run.dir={point / 'sample'}",
+                             f"sample.sampler.pipeline={point / 'train_t2i' / 'pipeline'}",
+                             f"sample.sampler.raw_weights={point / 'train_t2i' / 'raw_weights'}")
+    assert steps[6].args[1] == f"evaluate.sampler.pipeline={point / 'train_t2i' / 'pipeline'}"
+
+
+def test_plan_rejects_unknown_stages(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'train-gan' is not a stage"):
+        plan(["make-toy-data", "train-gan"], experiment_dir=tmp_path)
+    with pytest.raises(ConfigError, match="'pipeline' is not a stage"):
+        plan(["pipeline"], experiment_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_killed_stage_stops_the_pipeline_and_a_rerun_continues_from_it(tmp_path: Path) -> None:
+    args = ["pipeline", f"run.root={tmp_path}", "pipeline.stages=[make-toy-data,train-vae]",
+            "data.toy.train_shards=2", "data.toy.heldout_shards=1", "data.toy.samples_per_shard=16",
+            "train_vae.steps=4", "train_vae.global_batch_size=4", "train_vae.micro_batch_size=4",
+            "train_vae.resolution=32", "vae.block_out_channels=[8,16,16,16]", "vae.norm_num_groups=8",
+            "checkpoint.every_steps=2", "data.reader.num_workers=0", "logger.progress=false",
+            "logger.wandb.mode=disabled"]
+    killed = run_recap(args, env={"RECAP_FAULT": "sigkill@step=3"})
+    experiment = tmp_path / "toy"
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert "train-vae failed" in killed.stderr
+    times = json.loads((experiment / "pipeline" / "stage_times.json").read_text())
+    assert times["make-toy-data"]["status"] == "ran" and times["train-vae"]["status"] == "killed by signal 9"
+    report = (experiment / "report.md").read_text()
+    assert "| `train-vae` | killed by signal 9 |" in report
+    toy_summary = (experiment / "make_toy_data" / "summary.json").stat().st_mtime_ns
+
+    rerun = run_recap(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (experiment / "make_toy_data" / "summary.json").stat().st_mtime_ns == toy_summary  # skipped
+    vae = json.loads((experiment / "train_vae" / "summary.json").read_text())
+    assert vae["resumed"] is True and vae["steps"] == 4
+    times = json.loads((experiment / "pipeline" / "stage_times.json").read_text())
+    assert times["make-toy-data"]["status"] == "skipped (complete)" and times["make-toy-data"]["seconds"] > 0
+    assert times["train-vae"]["status"] == "ran"
+    report = (experiment / "report.md").read_text()
+    assert "| `make-toy-data` | skipped (complete) |" in report and "| `train-vae` | ran |" in report
+    assert "`recap recaption`" in report  # sections of stages that did not run say so
+    summary = json.loads((experiment / "pipeline" / "summary.json").read_text())
+    assert summary["stages"] == {"make-toy-data": "skipped (complete)", "train-vae": "ran"}
