@@ -52,7 +52,7 @@ def main() -> None:
                      "train_t2i.sampling.every_steps=null", "train_t2i.sampling.prompts=[]", "logger.progress=false",
                      "logger.wandb.mode=disabled", f"data.reader.num_workers={args.workers}",
                      f"cache.output={root}/cache", "checkpoint.every_steps=100000", "train_t2i.buckets.random_crop=false"]
-        raw_cfg = load_experiment([*overrides, "run.name=raw"])
+        raw_cfg = load_experiment([*overrides, "run.name=raw", "train_t2i.cache=null"])
         raw = train_t2i.run(raw_cfg, raw_cfg.run.dir / "train_t2i")
         cache_cfg = load_experiment([*overrides, "run.name=cached", f"cache.num_workers={args.workers}"])
         built = cache.run(cache_cfg, cache_cfg.run.dir / "cache")

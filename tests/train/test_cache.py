@@ -43,7 +43,8 @@ def dp_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _overrides(root: Path, inputs: dict[str, Path], *extra: str) -> list[str]:
-    return [f"run.root={root}", f"train_t2i.input={inputs['shards']}", f"train_t2i.vae={inputs['vae']}",
+    from_images = [] if any(e.startswith("train_t2i.cache=") for e in extra) else ["train_t2i.cache=null"]
+    return [*from_images, f"run.root={root}", f"train_t2i.input={inputs['shards']}", f"train_t2i.vae={inputs['vae']}",
             f"text_encoder.tokenizer={inputs['tokenizer']}", "text_encoder.max_tokens=24",
             "text_encoder.architecture={d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, num_heads: 4}",
             "unet.block_out_channels=[32,32,64]", "unet.attention_head_dim=8", "unet.xf_width=32", "unet.xf_heads=4",

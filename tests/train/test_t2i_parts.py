@@ -98,7 +98,7 @@ def test_bf16_autocast_trains_like_fp32(tmp_path) -> None:
     save_tokenizer(toy_tokenizer(16), tmp_path / "tok")
     torch.manual_seed(0)
     build_vae([8, 16, 16, 16], layers_per_block=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")
-    common = [f"train_t2i.input={shards}", f"train_t2i.vae={tmp_path / 'vae'}", f"text_encoder.tokenizer={tmp_path / 'tok'}",
+    common = ["train_t2i.cache=null", f"train_t2i.input={shards}", f"train_t2i.vae={tmp_path / 'vae'}", f"text_encoder.tokenizer={tmp_path / 'tok'}",
               "text_encoder.max_tokens=16", "train_t2i.stages=[{resolution: 64, steps: 3, global_batch_size: 4, "
               "micro_batch_size: 4}]", "train_t2i.sampling.every_steps=null", "logger.wandb.mode=disabled",
               "logger.progress=false", "data.reader.num_workers=0", "data.reader.open_shards=1"]

@@ -33,7 +33,7 @@ def inputs(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def _args(root: Path, inputs: dict[str, Path], stages: str, *extra: str) -> list[str]:
-    return ["train-t2i", f"run.root={root}", f"train_t2i.input={inputs['shards']}", f"train_t2i.vae={inputs['vae']}",
+    return ["train-t2i", f"run.root={root}", "train_t2i.cache=null", f"train_t2i.input={inputs['shards']}", f"train_t2i.vae={inputs['vae']}",
             f"text_encoder.tokenizer={inputs['tokenizer']}", "text_encoder.max_tokens=24",
             "text_encoder.architecture={d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, num_heads: 4}",
             "unet.block_out_channels=[32,32,64]", "unet.attention_head_dim=8", "unet.xf_width=32", "unet.xf_heads=4",
