@@ -215,12 +215,8 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     device, bf16 = inference_placement(cfg)
     judge = load_clip(e.clip, device)
     probe = _load_probe(e.probe)
-    pipe = load_sampler(e.sampler, device, torch.bfloat16 if bf16 else torch.float32, key="evaluate.sampler")
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        pipe.check_size(e.size, e.size)
-    except ValueError as exc:
-        raise ConfigError("evaluate.size", str(exc)) from None
+    pipe = load_sampler(e.sampler, device, torch.bfloat16 if bf16 else torch.float32, key="evaluate.sampler",
+                        size=(e.size, e.size), size_key="evaluate.size")
     data = read_prompted(e, cfg.data.reader, cfg.seed, with_targets=probe is not None)
     n = len(data.alt_texts)
     if probe is not None:

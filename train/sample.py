@@ -113,12 +113,8 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     except RewriteError as exc:
         raise ConfigError("sample.rewriter", str(exc)) from None
     device, bf16 = inference_placement(cfg)
-    pipe = load_sampler(s.sampler, device, torch.bfloat16 if bf16 else torch.float32, key="sample.sampler")
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        pipe.check_size(s.height, s.width)
-    except ValueError as exc:
-        raise ConfigError("sample.height", str(exc)) from None
+    pipe = load_sampler(s.sampler, device, torch.bfloat16 if bf16 else torch.float32, key="sample.sampler",
+                        size=(s.height, s.width), size_key="sample.height")
     log.info("%s: %d prompt(s) at %dx%d, %s x %d steps, guidance %g, %s weights, rewriter %s", STAGE, len(prompts),
              s.height, s.width, s.sampler.scheduler, s.sampler.steps, s.sampler.guidance_scale, s.sampler.weights,
              s.rewriter.kind)

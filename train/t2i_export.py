@@ -100,11 +100,12 @@ def sampling_scheduler(name: str, noise_config: Any) -> Any:
 
 
 def load_sampler(options: SamplerConfig, device: torch.device, dtype: torch.dtype = torch.float32,
-                 key: str = "sampler") -> RecapPipeline:
+                 key: str = "sampler", size: tuple[int, int] | None = None, size_key: str = "size") -> RecapPipeline:
     """The exported pipeline at ``options.pipeline`` on ``device``, with the scheduler named by
     ``options.scheduler`` and, for ``weights=raw``, the live weights from ``options.raw_weights``
-    (the export itself when train-t2i ran without EMA). ConfigError (naming ``key``) when a
-    folder is missing."""
+    (the export itself when train-t2i ran without EMA); its progress bar off. ConfigError
+    (naming ``key``) when a folder is missing, or (naming ``size_key``) when ``size`` (height,
+    width) is not one the model can draw."""
     from diffusers import UNet2DConditionModel
 
     folder = Path(options.pipeline)
@@ -121,5 +122,11 @@ def load_sampler(options: SamplerConfig, device: torch.device, dtype: torch.dtyp
             raise ConfigError(f"{key}.raw_weights", f"{raw} holds no unet/ folder; train-t2i writes it next to "
                               "pipeline/ when it trains with EMA")
     pipe.scheduler = sampling_scheduler(options.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if size is not None:
+        try:
+            pipe.check_size(*size)
+        except ValueError as exc:
+            raise ConfigError(size_key, str(exc)) from None
     pipe.to(device, dtype)
     return pipe
