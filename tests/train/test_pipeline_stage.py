@@ -76,3 +76,44 @@ def test_a_killed_stage_stops_the_pipeline_and_a_rerun_continues_from_it(tmp_pat
     assert "`recap recaption`" in report  # sections of stages that did not run say so
     summary = json.loads((experiment / "pipeline" / "summary.json").read_text())
     assert summary["stages"] == {"make-toy-data": "skipped (complete)", "train-vae": "ran"}
+
+
+@pytest.mark.slow
+def test_a_caption_mix_sweep_trains_and_samples_once_per_point(toy_data: Path, tmp_path: Path) -> None:
+    """`recap pipeline -m caption_mix.dsc=0.0,1.0`: each point trains with its own mix in its own
+    directory, and its sample stage draws from that point's export; nothing lands in the shared
+    stage directories."""
+    from data_pipeline.caption_tokenizer import save_tokenizer
+    from models.vae import build_vae
+    from tests.helpers import toy_tokenizer, write_captioned_shards
+
+    import torch
+
+    shards = write_captioned_shards(toy_data / "train", tmp_path / "captioned")
+    tokenizer = save_tokenizer(toy_tokenizer(24), tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    build_vae([8, 16, 16, 16], layers_per_block=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")
+    result = run_recap([
+        "pipeline", "-m", "caption_mix.dsc=0.0,1.0", f"run.root={tmp_path}", "pipeline.stages=[train-t2i,sample]",
+        "train_t2i.cache=null", f"train_t2i.input={shards}", f"train_t2i.vae={tmp_path / 'vae'}",
+        f"text_encoder.tokenizer={tokenizer}", "text_encoder.max_tokens=24",
+        "text_encoder.architecture={d_model: 32, d_kv: 8, d_ff: 64, num_layers: 1, num_heads: 4}",
+        "unet.block_out_channels=[32,32,64]", "unet.attention_head_dim=8", "unet.xf_width=32", "unet.xf_heads=4",
+        "train_t2i.stages=[{resolution: 64, steps: 3, global_batch_size: 4, micro_batch_size: 4}]",
+        "train_t2i.sampling.every_steps=null", "train_t2i.sampling.prompts=[]", "sample.prompts=[a red circle]",
+        "sample.height=32", "sample.width=32", "sample.sampler.steps=2", "data.reader.num_workers=0",
+        "logger.progress=false", "logger.wandb.mode=disabled"], timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sweep = tmp_path / "toy" / "sweeps" / "pipeline"
+    for point, dsc in (("0", 0.0), ("1", 1.0)):
+        trained = json.loads((sweep / point / "train_t2i" / "summary.json").read_text())
+        mix = trained["caption_mix"]
+        if dsc == 1.0:
+            assert (mix["caption_mix/txt"], mix["caption_mix/dsc"], mix["caption_mix/fallback"]) == (0, 1, 0)
+        else:  # every sample draws the alt-text; those without one fall back to their DSC
+            assert mix["caption_mix/dsc"] == mix["caption_mix/fallback"] < 0.3
+            assert mix["caption_mix/txt"] + mix["caption_mix/dsc"] == 1.0
+        sampled = json.loads((sweep / point / "sample" / "summary.json").read_text())
+        assert sampled["pipeline"] == str(sweep / point / "train_t2i" / "pipeline") and sampled["images"] == 1
+        assert "| `train-t2i` | ran |" in (sweep / point / "report.md").read_text()
+    assert not (tmp_path / "toy" / "train_t2i").exists() and not (tmp_path / "toy" / "sample").exists()
