@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.shard_io import write_json_atomic
 from train.config_schema import ExperimentConfig
 from train.pipeline_report import write_report
 from train.run_logging import finish_stage, setup_logging, write_config_snapshot
@@ -119,12 +120,12 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         seconds = round(time.perf_counter() - t0, 1)
         status = "ran" if code == 0 else f"failed (exit {code})" if code > 0 else f"killed by signal {-code}"
         times[step.spec] = {"seconds": seconds, "status": status}
-        _write_json(times_path, times)
+        write_json_atomic(times_path, times)
         if code:
             failed = (step, code if code > 0 else 1)  # killed: a crash as far as our exit codes go
             break
         log.info("[%d/%d] %s: done in %.1f s", i, len(steps), step.spec, seconds)
-    _write_json(times_path, times)
+    write_json_atomic(times_path, times)
     report = write_report(cfg, steps, times, point_dir or cfg.run.dir, p.report_examples)
     summary = {"stages": {s.spec: times.get(s.spec, {}).get("status", "not run") for s in steps},
                "seconds": round(time.perf_counter() - start, 1), "report": str(report),
@@ -135,8 +136,3 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         raise SystemExit(failed[1])
     finish_stage(run_dir, STAGE, summary)
     return summary
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
