@@ -207,6 +207,57 @@ def test_production_clip_needs_a_local_checkpoint(judges, toy_data: Path, tiny_p
     assert info.value.key == "evaluate.clip.folder"
 
 
+@pytest.fixture(scope="module")
+def vit_b32_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A random ViT-B-32-quickgelu saved the way the hub ships OpenAI's weights for open_clip
+    (`timm/vit_base_patch32_clip_224.openai`: open_clip_model.safetensors, a plain state dict)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    state = {k: v.contiguous() for k, v in open_clip.create_model("ViT-B-32-quickgelu").state_dict().items()}
+    path = tmp_path_factory.mktemp("vit_b32") / "open_clip_model.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_production_clip_loads_a_local_vit_b32_checkpoint_and_scores_with_it(
+        judges, toy_data: Path, tiny_pipeline: Path, vit_b32_checkpoint) -> None:
+    """The paper's judge path: open_clip ViT-B-32-quickgelu + a local checkpoint file, end to end.
+    Scores are recomputed at 224 px from the saved weights; the judge is named in the JSON."""
+    root, _ = judges
+    path, state = vit_b32_checkpoint
+    _evaluate(root, toy_data, tiny_pipeline, "evaluate.samples=4", "evaluate.probe=null", "evaluate.clip.folder=null",
+              "evaluate.clip.model_name=ViT-B-32-quickgelu", f"evaluate.clip.pretrained={path}")
+    ev = json.loads((root / "toy" / "evaluate" / "evaluation.json").read_text())
+    assert ev["clip"] == f"ViT-B-32-quickgelu ({path})" and ev["samples"] == 4
+
+    model = open_clip.create_model("ViT-B-32-quickgelu").eval()
+    model.load_state_dict(state)
+    test = _shard(toy_data / "heldout" / "00001.tar")[:4]
+    tokenizer = open_clip.get_tokenizer("ViT-B-32-quickgelu")
+    with torch.no_grad():
+        images = model.encode_image(to_clip_input(_pixels([im for im, _, _ in test], SIZE), 224, MEAN, STD))
+        texts = model.encode_text(tokenize_references(tokenizer, [alt for _, alt, _ in test], 77))
+    expected = pair_scores(images, texts).mean().item()
+    assert ev["results"]["real"]["clip_score_alt_text"] == pytest.approx(expected, abs=2e-3)
+    # Not what an untrained model of another seed scores: the weights came from the file.
+    assert expected != pytest.approx(ev["results"]["generated_from_alt_text"]["clip_score_alt_text"], abs=1e-6)
+
+
+def test_production_clip_with_weights_of_another_model_is_a_config_error(judges, toy_data: Path, tiny_pipeline: Path,
+                                                                         tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "not_vit_b32.safetensors"
+    save_file({"logit_scale": torch.ones(())}, str(wrong))
+    root, _ = judges
+    with pytest.raises(ConfigError) as info:
+        _evaluate(root, toy_data, tiny_pipeline, "evaluate.clip.folder=null",
+                  "evaluate.clip.model_name=ViT-B-32-quickgelu", f"evaluate.clip.pretrained={wrong}")
+    assert info.value.key == "evaluate.clip.pretrained"
+    assert "could not load" in info.value.message and str(wrong) in info.value.message
+
+
 def test_train_eval_clip_refuses_missing_shards_and_split_batches(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         run_stage("train_eval_clip", [f"run.root={tmp_path}", f"data.heldout={tmp_path / 'none'}", *JUDGE_ARGS,
