@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 
 TORCHRUN_ENV_MARKER = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
+# torchrun passes these on to each worker's process group (its default lacks SIGUSR1, which
+# Slurm's --signal sends before the time limit; without it torchrun would die of SIGUSR1).
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def inside_torchrun(environ: dict[str, str] | None = None) -> bool:
@@ -30,6 +33,7 @@ def torchrun_command(
     rdzv_endpoint: str = "127.0.0.1:29500",
     rdzv_timeout_s: int = 300,
     run_id: str = "recap",
+    shutdown_timeout_s: int = 120,
     python: str = sys.executable,
 ) -> list[str]:
     """argv that runs ``recap <stage_args>`` in every process torchrun starts.
@@ -41,8 +45,11 @@ def torchrun_command(
         rdzv_endpoint: host:port of the rendezvous (node 0's address), multi-node only.
         rdzv_timeout_s: how long nodes wait for each other before failing.
         run_id: rendezvous id shared by the nodes of one job.
+        shutdown_timeout_s: after passing SIGTERM/SIGUSR1 on to the workers, how long torchrun
+            waits for them (a preempted run saves a checkpoint first) before SIGKILL.
     """
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+           f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={shutdown_timeout_s}"]
     if nnodes == 1:
         cmd.append("--standalone")
     else:

@@ -4,7 +4,8 @@ Every stage composes conf/recap.yaml; overrides are checked before any work star
 mistake (unknown stage, unknown key, wrong type, bad option) exits with code 2 and one line
 naming the key and the valid choices. Exit codes: 0 done, 1 crash, 2 usage/config error,
 3 data error (too many bad samples, or an unusable checkpoint), 4 training diverged (a
-non-finite loss under nan_policy=fail, or too many skipped steps in a row).
+non-finite loss under nan_policy=fail, or too many skipped steps in a row), 75 preempted (SIGTERM
+or SIGUSR1: a checkpoint was saved at the same step on every rank; rerun the same command).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def _print_help() -> None:
     for name, stage in STAGES.items():
         print(f"  {name:<{width}}  {stage.summary}")
     print("\n`recap STAGE --help` lists the config groups; `recap STAGE --cfg job` prints the composed config.")
-    print("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged.")
+    print("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged,")
+    print("            75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command to resume).")
 
 
 def _print_stage_help(name: str) -> None:
@@ -188,7 +190,9 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
 
     from data_pipeline.shard_io import DataError
     from train.checkpoint_files import CheckpointError
+    from launch.supervise import EXIT_REQUEUE
     from train.loop import NonFiniteLoss
+    from train.preemption import Preempted
     from train.config_loading import PRIMARY_CONFIG, conf_dir, experiment_from_omegaconf
 
     failures: list[tuple[int, int]] = []  # (job number, exit code) of failed sweep points
@@ -211,6 +215,9 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
             sys.exit(_fail(name, str(exc), EXIT_DATA))
         except NonFiniteLoss as exc:
             sys.exit(_fail(name, str(exc), EXIT_DIVERGED))
+        except Preempted as exc:
+            print(f"recap {name}: {exc}", file=sys.stderr)
+            sys.exit(EXIT_REQUEUE)
 
     job_name = name.replace("-", "_")
     sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={job_name}"]
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(name, str(exc), EXIT_USAGE)
 
+    from launch.supervise import run_supervised
     from launch.torchrun import torchrun_command
 
     multirun = bool(_MULTIRUN_FLAGS & set(flags))
@@ -259,9 +267,23 @@ def main(argv: list[str] | None = None) -> int:
             args, nproc_per_node=launcher.nproc_per_node, nnodes=launcher.nnodes, node_rank=launcher.node_rank,
             rdzv_endpoint=launcher.rdzv_endpoint, rdzv_timeout_s=launcher.rdzv_timeout_s,
         )
-        return subprocess.call(cmd)
+        return run_supervised(cmd)
     return _run_hydra(name, overrides, flags)
 
 
+def _main_recording_exit() -> int:
+    """main(), with this process's exit code recorded for a supervising parent (launch/supervise.py)."""
+    from launch.supervise import record_exit
+
+    code: int | str | None = 1  # an exception escaping main() is a crash
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        record_exit(code if isinstance(code, int) or code is None else 1)
+    return code if isinstance(code, int) else (0 if code is None else 1)
+
+
 if __name__ == "__main__":  # torchrun runs `python -m train.cli STAGE ...` in each process
-    sys.exit(main())
+    sys.exit(_main_recording_exit())

@@ -233,6 +233,16 @@ class Runtime:
             return value
         return self.accelerator.reduce(value.to(self.device), reduction="mean")
 
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's ``value`` (one all-reduce; the value itself on one process)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return int(box.item())
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""
         if self.world_size == 1:

@@ -11,7 +11,8 @@ from launch.torchrun import TORCHRUN_ENV_MARKER, inside_torchrun, torchrun_comma
 
 def test_single_node_is_standalone():
     cmd = torchrun_command(["train-vae", "runtime=ddp", "-m", "seed=1,2"], nproc_per_node=2, python="/py")
-    assert cmd == ["/py", "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+    assert cmd == ["/py", "-m", "torch.distributed.run", "--nproc-per-node=2",
+                   "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120", "--standalone",
                    "-m", "train.cli", "train-vae", "runtime=ddp", "-m", "seed=1,2"]
 
 
@@ -23,9 +24,11 @@ def test_default_python_is_this_interpreter():
 
 def test_multi_node_uses_c10d_rendezvous_with_join_timeout():
     cmd = torchrun_command(["train-vae", "launcher=torchrun"], nproc_per_node=8, nnodes=4, node_rank=3,
-                           rdzv_endpoint="10.0.0.1:29400", rdzv_timeout_s=120, run_id="job42", python="/py")
+                           rdzv_endpoint="10.0.0.1:29400", rdzv_timeout_s=120, run_id="job42", shutdown_timeout_s=80,
+                           python="/py")
     assert cmd == [
         "/py", "-m", "torch.distributed.run", "--nproc-per-node=8",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=80",
         "--nnodes=4", "--node-rank=3", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
         "--rdzv-id=job42", "--rdzv-conf=join_timeout=120",
         "-m", "train.cli", "train-vae", "launcher=torchrun",
