@@ -1,5 +1,10 @@
 """`recap STAGE [overrides...]`: run one stage of the recipe as a Hydra app.
 
+`recap launch STAGE [overrides...] [-m] [--dry-run]` starts it with its launcher: here (local),
+torchrun, DeepSpeed's launcher, or a Slurm batch job (submitted with sbatch; `recap STAGE
+launcher=slurm` refuses and points here, so that only `launch` ever submits). --dry-run prints
+the command or the sbatch script instead. docs/slurm.md is the runbook.
+
 Every stage composes conf/recap.yaml; overrides are checked before any work starts, and a
 mistake (unknown stage, unknown key, wrong type, bad option) exits with code 2 and one line
 naming the key and the valid choices. Exit codes: 0 done, 1 crash, 2 usage/config error,
@@ -14,6 +19,7 @@ import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +85,7 @@ def _print_help() -> None:
     for name, stage in STAGES.items():
         print(f"  {name:<{width}}  {stage.summary}")
     print("\n`recap STAGE --help` lists the config groups; `recap STAGE --cfg job` prints the composed config.")
+    print("`recap launch STAGE ... [--dry-run]` starts a stage with its launcher: torchrun, DeepSpeed, or a Slurm job.")
     print("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged,")
     print("            75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command to resume).")
 
@@ -120,19 +127,28 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, flags
 
 
+def _inside_launch() -> bool:
+    """True in a process that a launcher (torchrun, DeepSpeed's) started: run the stage, do not launch it."""
+    from launch.deepspeed_launch import inside_deepspeed_launcher
+    from launch.torchrun import inside_torchrun
+
+    return inside_torchrun() or inside_deepspeed_launcher()
+
+
+def _job_name(stage: str) -> str:
+    return stage.replace("-", "_")  # Hydra's job name: names run directories (conf/recap.yaml)
+
+
 def _check_batch_for_world(stage: Stage, experiment: Any) -> None:
     """The global batch must split evenly over the processes this launch will start."""
     if stage.batch_section is None:
         return
-    from launch.torchrun import inside_torchrun
     from train.config_schema import check_batch
 
-    if inside_torchrun():
+    if _inside_launch():
         world = int(os.environ.get("WORLD_SIZE", "1"))
-    elif experiment.launcher.kind == "torchrun":
+    else:  # every launcher starts nproc_per_node x nnodes processes (launcher=local: 1, validated)
         world = experiment.launcher.nproc_per_node * experiment.launcher.nnodes
-    else:
-        world = 1
     section = getattr(experiment, stage.batch_section)
     try:
         check_batch(section.global_batch_size, section.micro_batch_size, world)
@@ -170,20 +186,22 @@ def _redact_multirun_yaml() -> None:
         os.replace(tmp, path)
 
 
-def _run_point(name: str, output_dir: str) -> int:
-    """Run one sweep point as its own `recap` process (exit code returned).
+def _run_point(name: str, output_dir: str, prefix: Sequence[str] = ()) -> int:
+    """Run one sweep point as its own `recap [prefix] STAGE` process (exit code returned).
 
     Each point gets a fresh interpreter: its own launcher (torchrun when configured), process
-    group, DeepSpeed engine and memory, and a failure that cannot take the others down.
+    group, DeepSpeed engine and memory, and a failure that cannot take the others down. Under
+    `recap launch -m` the prefix is `launch`: each point is launched (one Slurm job) on its own.
     """
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task)
     quoted_dir = output_dir.replace("\\", "\\\\").replace("'", "\\'")
-    return subprocess.call([sys.executable, "-m", "train.cli", name, *overrides, f"hydra.run.dir='{quoted_dir}'"])
+    return subprocess.call([sys.executable, "-m", "train.cli", *prefix, name, *overrides,
+                            f"hydra.run.dir='{quoted_dir}'"])
 
 
-def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
+def _run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: Sequence[str] = ()) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -202,7 +220,7 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
         output_dir = hydra_cfg.runtime.output_dir
         if hydra_cfg.mode == RunMode.MULTIRUN:
             _redact_multirun_yaml()
-            code = _run_point(name, output_dir)
+            code = _run_point(name, output_dir, point_prefix)
             if code:
                 failures.append((hydra_cfg.job.num, code))
             return
@@ -219,13 +237,58 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str]) -> int:
             print(f"recap {name}: {exc}", file=sys.stderr)
             sys.exit(EXIT_REQUEUE)
 
-    job_name = name.replace("-", "_")
-    sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={job_name}"]
+    sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={_job_name(name)}"]
     hydra.main(config_path=str(conf_dir()), config_name=PRIMARY_CONFIG, version_base="1.3")(task)()
     if failures:
         points = ", ".join(f"#{num} (exit {code})" for num, code in failures)
         return _fail(name, f"{len(failures)} sweep point(s) failed: {points}; see their messages above", failures[0][1])
     return 0
+
+
+def _checked(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
+    """(overrides, flags, config of the first point) after every check that runs before a launch."""
+    from train.config_loading import check_overrides, sweep_keys
+
+    overrides, flags = _split_args(rest)
+    swept = sweep_keys(overrides)
+    if swept and not _MULTIRUN_FLAGS & set(flags):
+        raise ConfigError(swept[0], "has several values (a sweep): add -m to run one job per value; for a "
+                          "single value that contains commas quote it (key='a,b'), for a list use key=[a,b]")
+    experiment = check_overrides(overrides)
+    _check_batch_for_world(STAGES[name], experiment)
+    if STAGES[name].precheck and not _inside_launch() and not swept:  # sweep points check themselves
+        importlib.import_module(STAGES[name].module).check(experiment)
+    return overrides, flags, experiment
+
+
+def _launcher_command(stage_args: list[str], launcher: Any) -> list[str] | None:
+    """argv of the launcher that runs `recap <stage_args>` in every process, or None: run the stage
+    in this process (launcher=local, or this process is one a launcher started)."""
+    from launch.deepspeed_launch import HostfileError, deepspeed_command, read_hostfile
+    from launch.torchrun import torchrun_command
+
+    if launcher.kind == "local" or _inside_launch():
+        return None
+    if launcher.kind == "torchrun":
+        assert launcher.rdzv_endpoint is not None  # LauncherConfig.validate
+        return torchrun_command(
+            stage_args, nproc_per_node=launcher.nproc_per_node, nnodes=launcher.nnodes, node_rank=launcher.node_rank,
+            rdzv_endpoint=launcher.rdzv_endpoint, rdzv_timeout_s=launcher.rdzv_timeout_s, run_id=launcher.rdzv_id,
+            shutdown_timeout_s=launcher.shutdown_timeout_s,
+        )
+    assert launcher.kind == "deepspeed", launcher.kind  # slurm is submitted (recap launch), never run here
+    addr, port = None, None
+    if launcher.rdzv_endpoint is not None:
+        addr, _, port_text = launcher.rdzv_endpoint.rpartition(":")
+        if not addr or not port_text.isdigit():
+            raise ConfigError("launcher.rdzv_endpoint", f"expected host:port or null, got '{launcher.rdzv_endpoint}'")
+        port = int(port_text)
+    try:
+        return deepspeed_command(stage_args, hostfile=launcher.hostfile, hosts=read_hostfile(launcher.hostfile),
+                                 nnodes=launcher.nnodes, nproc_per_node=launcher.nproc_per_node,
+                                 master_addr=addr, master_port=port)
+    except HostfileError as exc:
+        raise ConfigError("launcher.hostfile", str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         _print_help()
         return 0
+    if args[0] == "launch":
+        from train.launch_command import launch
+
+        return launch(args[1:])
     name, rest = args[0], args[1:]
     if name not in STAGES:
         return _fail(name, f"unknown stage '{name}'{did_you_mean(name, STAGES)}; stages: {', '.join(STAGES)}",
@@ -242,31 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         _print_stage_help(name)
         return 0
     try:
-        overrides, flags = _split_args(rest)
-        from launch.torchrun import inside_torchrun
-        from train.config_loading import check_overrides, sweep_keys
-
-        swept = sweep_keys(overrides)
-        if swept and not _MULTIRUN_FLAGS & set(flags):
-            raise ConfigError(swept[0], "has several values (a sweep): add -m to run one job per value; for a "
-                              "single value that contains commas quote it (key='a,b'), for a list use key=[a,b]")
-        experiment = check_overrides(overrides)
-        launcher = experiment.launcher
-        _check_batch_for_world(STAGES[name], experiment)
-        if STAGES[name].precheck and not inside_torchrun() and not swept:  # sweep points check themselves
-            importlib.import_module(STAGES[name].module).check(experiment)
+        overrides, flags, experiment = _checked(name, rest)
+        if experiment.launcher.kind == "slurm":
+            raise ConfigError("launcher", f"launcher=slurm submits a batch job: run `recap launch {name}` with the "
+                              "same arguments (add --dry-run to see the sbatch script first)")
+        multirun = bool(_MULTIRUN_FLAGS & set(flags))
+        cmd = None if multirun else _launcher_command(args, experiment.launcher)  # sweeps launch per point
     except ConfigError as exc:
         return _fail(name, str(exc), EXIT_USAGE)
+    if cmd is not None:
+        from launch.supervise import run_supervised
 
-    from launch.supervise import run_supervised
-    from launch.torchrun import torchrun_command
-
-    multirun = bool(_MULTIRUN_FLAGS & set(flags))
-    if launcher.kind == "torchrun" and not inside_torchrun() and not multirun:  # sweeps launch per point
-        cmd = torchrun_command(
-            args, nproc_per_node=launcher.nproc_per_node, nnodes=launcher.nnodes, node_rank=launcher.node_rank,
-            rdzv_endpoint=launcher.rdzv_endpoint, rdzv_timeout_s=launcher.rdzv_timeout_s,
-        )
         return run_supervised(cmd)
     return _run_hydra(name, overrides, flags)
 

@@ -92,15 +92,67 @@ class LoggerConfig:
 
 
 @dataclass(frozen=True)
-class LauncherConfig:
-    """How `recap STAGE` starts its processes: here, or re-executed under torchrun."""
+class SlurmConfig:
+    """The batch job `recap launch STAGE launcher=slurm` submits (launch/slurm.py renders it; docs/slurm.md)."""
 
-    kind: Literal["local", "torchrun"] = "local"
-    nproc_per_node: int = 1
+    time: str | int = "24:00:00"  # wall-clock limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S (a number: minutes)
+    partition: str | None = None  # null: the cluster's default partition
+    account: str | None = None  # null: your default account
+    qos: str | None = None  # null: the partition's default QOS
+    gpus_per_node: int | None = None  # null: one per process (launcher.nproc_per_node); 0 requests none (CPU nodes)
+    cpus_per_task: int = 8  # CPUs of each node's task (all its processes and their DataLoader workers)
+    signal_lead_s: int = 90  # SIGUSR1 this many seconds before the time limit: checkpoint, exit 75, requeue
+    rdzv_port: int | None = None  # rendezvous port on the job's first node; null: 20000 + job id % 20000
+    python: str | None = None  # interpreter on the nodes; null: the one running `recap launch`
+    setup: list[str] = field(default_factory=list)  # shell lines run before the stage: module load ..., source ...
+    env: dict[str, str] = field(default_factory=dict)  # variables exported to every process (NCCL_DEBUG: WARN)
+    sbatch_args: list[str] = field(default_factory=list)  # more sbatch options, one #SBATCH line each (--exclusive)
+    job_name: str | None = None  # null: recap-<stage>-<run.name>
+
+    def validate(self) -> None:
+        from launch.slurm import time_limit_seconds  # pure; launch/ never imports the config
+
+        from train.redaction import is_secret_key
+
+        try:
+            limit_s = time_limit_seconds(str(self.time))
+        except ValueError as exc:
+            raise ConfigError("time", str(exc)) from None
+        if not 0 < self.signal_lead_s < limit_s:
+            raise ConfigError("signal_lead_s", f"must be > 0 and below the time limit ({limit_s} s), got "
+                              f"{self.signal_lead_s}")
+        if self.cpus_per_task < 1 or (self.gpus_per_node is not None and self.gpus_per_node < 0):
+            raise ConfigError("cpus_per_task", "cpus_per_task must be >= 1 and gpus_per_node >= 0 (or null)")
+        if self.rdzv_port is not None and not 1024 <= self.rdzv_port <= 65535:
+            raise ConfigError("rdzv_port", f"must be in [1024, 65535] or null, got {self.rdzv_port}")
+        for name in self.env:
+            if not name.isidentifier() or not name.isascii():
+                raise ConfigError(f"env.{name}", "is not a shell variable name (letters, digits, _)")
+            if is_secret_key(name):
+                raise ConfigError(f"env.{name}", "looks like a credential, which the sbatch script would store in "
+                                  f"plain text; export {name} before `recap launch` instead (sbatch passes it on)")
+        for arg in self.sbatch_args:
+            if not arg.startswith("-"):
+                raise ConfigError("sbatch_args", f"'{arg}' is not an sbatch option; write them as --name=value")
+        if self.job_name is not None and (not self.job_name or any(c.isspace() for c in self.job_name)):
+            raise ConfigError("job_name", f"must be non-empty without spaces, got {self.job_name!r}")
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """How `recap STAGE` starts its processes: here (local), under torchrun, under DeepSpeed's launcher
+    (deepspeed), or as a Slurm batch job (slurm, through `recap launch`); see docs/slurm.md."""
+
+    kind: Literal["local", "torchrun", "deepspeed", "slurm"] = "local"
+    nproc_per_node: int = 1  # processes per node: one per GPU
     nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str = "127.0.0.1:29500"
-    rdzv_timeout_s: int = 300
+    node_rank: int = 0  # this node's index (torchrun; Slurm and DeepSpeed number the nodes themselves)
+    rdzv_endpoint: str | None = "127.0.0.1:29500"  # node 0's host:port; deepspeed: null asks the hostfile's first host
+    rdzv_timeout_s: int = 300  # how long torchrun's nodes wait for each other
+    rdzv_id: str = "recap"  # rendezvous id shared by the nodes of one job (under Slurm: slurm-<job id>)
+    shutdown_timeout_s: int = 120  # torchrun: after passing SIGTERM/SIGUSR1 on, wait this long for the preemption checkpoint
+    hostfile: str | None = None  # launcher=deepspeed: one '<host> slots=<N>' line per node
+    slurm: SlurmConfig | None = None  # launcher=slurm: the batch job
 
     def validate(self) -> None:
         if self.nproc_per_node < 1 or self.nnodes < 1:
@@ -109,6 +161,15 @@ class LauncherConfig:
             raise ConfigError("node_rank", f"must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
         if self.kind == "local" and self.nproc_per_node * self.nnodes != 1:
             raise ConfigError("kind", "launcher=local runs one process; use launcher=torchrun for more")
+        if self.shutdown_timeout_s < 1:
+            raise ConfigError("shutdown_timeout_s", f"must be >= 1 second, got {self.shutdown_timeout_s}")
+        if self.kind == "torchrun" and self.rdzv_endpoint is None:
+            raise ConfigError("rdzv_endpoint", "torchrun's nodes meet at node 0: set it to <node 0 host>:<port>")
+        if (self.kind == "deepspeed") != (self.hostfile is not None):
+            raise ConfigError("hostfile", "launcher=deepspeed needs launcher.hostfile=PATH (lines '<host> slots=<N>')"
+                              if self.kind == "deepspeed" else "only launcher=deepspeed reads a hostfile")
+        if (self.kind == "slurm") != (self.slurm is not None):
+            raise ConfigError("kind", "choose Slurm with the group, launcher=slurm, which brings its slurm section")
 
 
 @dataclass(frozen=True)

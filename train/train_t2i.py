@@ -166,7 +166,7 @@ def check(cfg: ExperimentConfig) -> None:
     """Before launch: the stages and their batches split over the processes the launcher starts,
     and a cache (when given) that holds every stage's resolution and every caption key drawn."""
     launcher = cfg.launcher
-    world = launcher.nproc_per_node * launcher.nnodes if launcher.kind == "torchrun" else 1
+    world = launcher.nproc_per_node * launcher.nnodes  # launcher=local: 1 (LauncherConfig.validate)
     _accumulation(resolution_stages(cfg), world)
     if cfg.train_t2i.cache is not None:
         _check_cache(cfg)

@@ -45,7 +45,10 @@ def test_top_level_help_lists_every_stage(workdir):
     assert lines[0] == "usage: recap STAGE [key=value ...] [group=option ...] [-m]"
     for name, stage in STAGES.items():
         assert any(line.split()[:1] == [name] and line.rstrip().endswith(stage.summary) for line in lines), name
-    assert "Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged." in lines
+    exit_codes = lines.index("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, "
+                             "4 training diverged,")
+    assert lines[exit_codes + 1].split() == "75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command "\
+        "to resume).".split()
     assert list(workdir.iterdir()) == []
 
 
@@ -271,3 +274,29 @@ def test_multirun_yaml_and_errors_are_redacted(workdir, tmp_path):
         assert "hunter2pass" not in str(path)
         if path.is_file():
             assert "hunter2pass" not in path.read_text(errors="replace"), path
+
+
+# ---- recap launch (its launchers: tests/train/test_launch_slurm.py, test_launch_deepspeed.py) ----
+
+
+def test_help_mentions_launch_and_launch_has_its_own_help(capsys):
+    assert main(["--help"]) == 0
+    assert ("`recap launch STAGE ... [--dry-run]` starts a stage with its launcher: torchrun, DeepSpeed, or a Slurm "
+            "job.") in capsys.readouterr().out.splitlines()
+    assert main(["launch", "--help"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "usage: recap launch STAGE [key=value ...] [group=option ...] [-m] [--dry-run]"
+    assert [line.split()[0] for line in out if line.startswith("  ")] == ["local", "torchrun", "deepspeed", "slurm"]
+
+
+def test_launch_unknown_stage_exits_2(capsys):
+    assert main(["launch", "trian-vae", "--dry-run"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err.startswith("recap launch: error: unknown stage 'trian-vae' (did you mean 'train-vae'?); "
+                                   "stages: make-toy-data, ")
+    assert captured.out == ""
+
+
+def test_launch_dry_run_with_launcher_local_prints_the_stage_command(capsys):
+    assert main(["launch", "train-vae", "seed=2", "--dry-run", "train_vae.steps=5"]) == 0
+    assert capsys.readouterr().out == f"{sys.executable} -m train.cli train-vae seed=2 train_vae.steps=5\n"
