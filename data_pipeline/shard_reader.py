@@ -29,7 +29,7 @@ from data_pipeline import shard_io
 from data_pipeline.options import ReaderOptions
 from data_pipeline.samples import SampleSpec, decode_sample
 from data_pipeline.seeding import derive_seed
-from data_pipeline.workers import die_with_parent
+from data_pipeline.workers import die_with_parent, leave_signals_to_parent
 
 STATE_VERSION = 1
 MAX_FAULT_EXAMPLES = 5
@@ -229,6 +229,7 @@ def _seed_worker(worker_id: int) -> None:
     import random
 
     die_with_parent()
+    leave_signals_to_parent()
 
     ds: ShardStreams = get_worker_info().dataset
     seed = derive_seed(ds.seed, ds.rank, (worker_id + ds.rotation) % ds.workers)

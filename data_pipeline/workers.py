@@ -9,6 +9,18 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
+# The rank handles these (train/preemption.py: checkpoint at the next step, then exit 75).
+# torchrun passes them to the rank's whole process group, DataLoader workers included.
+RANK_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def leave_signals_to_parent() -> None:
+    """Ignore RANK_SIGNALS in this (worker) process: killed by one, a worker would take the
+    DataLoader down before the rank could save its checkpoint; the rank ends it afterwards."""
+    for sig in RANK_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def die_with_parent() -> None:
     """Make this (worker) process receive SIGKILL when its parent dies (Linux; no-op elsewhere).
 

@@ -10,19 +10,28 @@ a real failure (the lowest rank's) wins over a requeue, a requeue over success; 
 Signals: SIGTERM and SIGUSR1 sent to this process are passed to torchrun, which passes them to
 every worker's process group (``--signals-to-handle``); SIGINT from a terminal already reaches
 torchrun (same process group), so it is only kept from raising here.
+
+A multi-node launch whose rendezvous fails (a node that never joins within the join timeout)
+ends torchrun with a bare ``RendezvousTimeoutError`` traceback. torchrun records its own fatal
+exception in ``$TORCHELASTIC_ERROR_FILE`` (its ``@record`` entry point), so `run_supervised`
+points that at a file of its own and, for a rendezvous failure, ends with one line naming the
+endpoint, the node count and the timeout.
 """
 
 from __future__ import annotations
 
 import os
+import json
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: preempted after a checkpoint; rerun the same command to resume
 EXIT_DIR_ENV = "RECAP_EXIT_DIR"
+LAUNCHER_ERROR_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun writes its own fatal exception there (JSON)
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -69,10 +78,42 @@ def read_exit_codes(directory: Path) -> dict[int, int]:
     return out
 
 
+def _option(cmd: Sequence[str], name: str) -> str | None:
+    """The value of ``--name=value`` in a torchrun command line (None when absent)."""
+    prefix = f"--{name}="
+    return next((arg[len(prefix):] for arg in cmd if arg.startswith(prefix)), None)
+
+
+def launcher_failure(error_file: Path, cmd: Sequence[str]) -> str | None:
+    """One line explaining a rendezvous failure recorded by torchrun in ``error_file``; None for
+    anything else (no file, another error: the workers' own messages already said it)."""
+    try:
+        message = str(json.loads(error_file.read_text())["message"]["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kind, _, detail = message.partition(":")
+    if not kind.startswith("Rendezvous"):
+        return None
+    endpoint = _option(cmd, "rdzv-endpoint") or "?"
+    nnodes = _option(cmd, "nnodes") or "?"
+    conf = dict(part.split("=", 1) for part in (_option(cmd, "rdzv-conf") or "").split(",") if "=" in part)
+    timeout = conf.get("join_timeout", "?")
+    if kind == "RendezvousTimeoutError":
+        return (f"the {nnodes} nodes did not join the rendezvous at {endpoint} within {timeout} s "
+                "(launcher.rdzv_timeout_s); start every node with the same launcher.nnodes and "
+                "launcher.rdzv_endpoint, and check that node 0 can be reached there")
+    return (f"the rendezvous at {endpoint} ({nnodes} nodes, join timeout {timeout} s) failed: {kind}"
+            f"{': ' + detail.strip() if detail.strip() else ''}; check launcher.rdzv_endpoint and that node 0 "
+            "can be reached there")
+
+
 def run_supervised(cmd: Sequence[str], env: dict[str, str] | None = None) -> int:
-    """Run ``cmd`` (torchrun ...), forwarding SIGTERM/SIGUSR1 to it; the combined exit code."""
+    """Run ``cmd`` (torchrun ...), forwarding SIGTERM/SIGUSR1 to it; the combined exit code.
+    A failed rendezvous is explained in one line on stderr (`launcher_failure`)."""
     with tempfile.TemporaryDirectory(prefix="recap-exit-") as directory:
-        child_env = {**(os.environ if env is None else env), EXIT_DIR_ENV: directory}
+        error_file = Path(directory) / "launcher_error.json"  # torchrun sets each worker's own
+        child_env = {**(os.environ if env is None else env), EXIT_DIR_ENV: directory,
+                     LAUNCHER_ERROR_ENV: str(error_file)}
         proc = subprocess.Popen(list(cmd), env=child_env)
 
         def forward(signum: int, _frame: object) -> None:
@@ -86,4 +127,7 @@ def run_supervised(cmd: Sequence[str], env: dict[str, str] | None = None) -> int
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        explanation = launcher_failure(error_file, cmd) if code != 0 else None
+        if explanation:
+            print(f"recap: error: {explanation}", file=sys.stderr)
         return combine_exit_codes(read_exit_codes(Path(directory)), code)

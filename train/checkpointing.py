@@ -24,6 +24,7 @@ from safetensors.torch import load_model, save_model
 
 from train import checkpoint_files as files
 from train.checkpoint_files import CheckpointError
+from train.fault_injection import maybe_fail
 from train.config_schema import ResumeConfig
 from train.runtime import Runtime
 from train.typed_config import ConfigError
@@ -107,6 +108,7 @@ class Checkpointer:
             (tmp / "config.json").write_text(json.dumps(self.config, indent=1, sort_keys=True))
         torch.save({"rng": files.capture_rng(), "reader": reader.state_dict() if reader is not None else None},
                    tmp / f"rank_{rt.rank:05d}.pt")
+        maybe_fail(save=state.step, rank=rt.rank)  # fault tests: a signal or kill in the middle of a save
         rt.barrier()
         entries = self._spread(tmp, files.hash_files)
         if rt.is_main:

@@ -13,12 +13,14 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from train.checkpointing import Checkpointer, TrainState
 from train.fault_injection import maybe_fail, poison_loss
+from train.preemption import Preempted, PreemptionWatch
 from train.run_logging import MetricsLogger, progress
 from train.runtime import Runtime
 
@@ -78,7 +80,9 @@ def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], 
     ``report()`` adds metrics at each logged step (called on every rank: it may reduce).
     A non-finite loss (averaged over ranks, so every rank sees it) or gradient norm (the same on
     every rank after the all-reduce) fails the run or, under nan_policy=skip, skips the update
-    on every rank; ``state.extra["skipped_steps"]`` counts skips.
+    on every rank; ``state.extra["skipped_steps"]`` counts skips. SIGTERM/SIGUSR1 on any rank
+    (train/preemption.py): every rank saves a checkpoint at the end of that step and raises
+    Preempted.
     """
     rt, state = parts.runtime, parts.state
     batches: Iterator[Any] = iter(parts.reader)
@@ -87,41 +91,64 @@ def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], 
     rate = 0.0
     bar = progress(total=schedule.steps, initial=state.step, desc=desc, unit="step",
                    enabled=rt.is_main and schedule.show_progress)
-    while state.step < schedule.steps:
-        micro_losses = []
-        for micro in range(schedule.accum):
-            batch = to_device(next(batches), rt.device)
-            micro_losses.append(rt.micro_step(parts.model, lambda m: poison_loss(loss_fn(m, batch), step=state.step + 1,
-                                                                                 rank=rt.rank),
-                                              last=micro == schedule.accum - 1))
-        names = list(micro_losses[0])
-        stacked = torch.stack([torch.stack([m[k] for k in names]) for m in micro_losses]).mean(0)  # (parts,)
-        last = dict(zip(names, rt.mean(stacked).tolist()))
-        finite = all(map(math.isfinite, last.values()))
-        grad_norm, applied = rt.optimizer_step(parts.model, parts.optimizer, parts.scheduler, skip=not finite)
-        state.step += 1
-        state.samples_seen += schedule.global_batch
-        if not applied:
-            _on_skipped(state, schedule, last, grad_norm, parts)
-        else:
-            state.extra["consecutive_skips"] = 0
-            if after_step is not None:
-                after_step(state)
-        rate = (state.step - first_step) * schedule.global_batch / (time.perf_counter() - start)
-        if state.step % schedule.log_every == 0 or state.step == schedule.steps:
-            faults = {f"skipped/{k}": v for k, v in parts.reader.fault_counts().items()}
-            parts.metrics.log(state.step, {**last, "lr": parts.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                           "img_per_s": rate, **faults, **(report() if report else {})})
-        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.1f}")
-        bar.update(1)
-        if state.step % schedule.checkpoint_every == 0 or state.step == schedule.steps:
-            parts.checkpointer.save(state, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
-                                    reader=parts.reader, extra=parts.extra)
-        maybe_fail(step=state.step, rank=rt.rank)
+    with PreemptionWatch() as watch:
+        while state.step < schedule.steps:
+            last, rate = _one_step(parts, schedule, loss_fn, batches, after_step, report, start, first_step, bar)
+            checkpoint = None
+            if state.step % schedule.checkpoint_every == 0 or state.step == schedule.steps:
+                checkpoint = _save(parts)
+            maybe_fail(step=state.step, rank=rt.rank)
+            signal_name = watch.agreed(rt)  # collective: every rank leaves at the same step
+            if signal_name is not None:
+                checkpoint = checkpoint or _save(parts)
+                bar.close()
+                parts.metrics.event(state.step, "preempted", signal=signal_name)
+                parts.metrics.close({"preempted_at_step": state.step})
+                raise Preempted(state.step, signal_name, checkpoint)
     bar.close()
     return {"steps": state.step, "samples_seen": state.samples_seen, "final_losses": last,
             "img_per_s": round(rate, 2), "skipped_samples": parts.reader.fault_counts(),
             "skipped_steps": state.extra.get("skipped_steps", 0)}
+
+
+def _save(parts: Parts) -> Path:
+    return parts.checkpointer.save(parts.state, model=parts.model, optimizer=parts.optimizer,
+                                   scheduler=parts.scheduler, reader=parts.reader, extra=parts.extra)
+
+
+def _one_step(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], Any], batches: Iterator[Any],
+              after_step: Callable[[TrainState], None] | None, report: Callable[[], dict[str, float]] | None,
+              start: float, first_step: int, bar: Any) -> tuple[dict[str, float], float]:
+    """One optimizer step of ``accum`` micro-batches, its NaN policy, metrics and progress;
+    returns (the losses averaged over micro-batches and ranks, images per second so far)."""
+    rt, state = parts.runtime, parts.state
+    micro_losses = []
+    for micro in range(schedule.accum):
+        batch = to_device(next(batches), rt.device)
+        micro_losses.append(rt.micro_step(parts.model, lambda m: poison_loss(loss_fn(m, batch), step=state.step + 1,
+                                                                             rank=rt.rank),
+                                          last=micro == schedule.accum - 1))
+    names = list(micro_losses[0])
+    stacked = torch.stack([torch.stack([m[k] for k in names]) for m in micro_losses]).mean(0)  # (parts,)
+    last = dict(zip(names, rt.mean(stacked).tolist()))
+    finite = all(map(math.isfinite, last.values()))
+    grad_norm, applied = rt.optimizer_step(parts.model, parts.optimizer, parts.scheduler, skip=not finite)
+    state.step += 1
+    state.samples_seen += schedule.global_batch
+    if not applied:
+        _on_skipped(state, schedule, last, grad_norm, parts)
+    else:
+        state.extra["consecutive_skips"] = 0
+        if after_step is not None:
+            after_step(state)
+    rate = (state.step - first_step) * schedule.global_batch / (time.perf_counter() - start)
+    if state.step % schedule.log_every == 0 or state.step == schedule.steps:
+        faults = {f"skipped/{k}": v for k, v in parts.reader.fault_counts().items()}
+        parts.metrics.log(state.step, {**last, "lr": parts.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                       "img_per_s": rate, **faults, **(report() if report else {})})
+    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.1f}")
+    bar.update(1)
+    return last, rate
 
 
 def _on_skipped(state: TrainState, schedule: Schedule, losses: dict[str, float], grad_norm: float | None,

@@ -8,7 +8,7 @@ of them was signalled, so they all save a checkpoint at the same step and leave 
 `Preempted`, which `recap` turns into exit code 75 (launch/supervise.py: requeue).
 
 DataLoader workers share the rank's process group, which torchrun signals as a whole; they
-ignore these signals (`ignore_in_worker`, their worker_init) and end when the rank ends them.
+ignore these signals (data_pipeline/workers.py) and end when the rank ends them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import signal
 from types import FrameType
 from typing import Any
 
+from data_pipeline.workers import RANK_SIGNALS
+
 log = logging.getLogger("recap")
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = RANK_SIGNALS
 
 
 class Preempted(Exception):
@@ -61,8 +63,3 @@ class PreemptionWatch:
         signum = runtime.max_int(self.received or 0)
         return signal.Signals(signum).name if signum else None
 
-
-def ignore_in_worker(_worker_id: int | None = None) -> None:
-    """DataLoader worker_init: leave SIGTERM/SIGUSR1 to the rank (which saves and then ends us)."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

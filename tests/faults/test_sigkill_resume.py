@@ -5,6 +5,8 @@ killed at step 7, so the rerun resumes from step 6 and replays step 7. Compared:
 every step (including the replayed one against its first run), the final weights and the
 optimizer state. Negative controls resume from the same checkpoint with the reader position or
 the RNG state removed: their results must differ, which shows the comparison can fail.
+(Formerly tests/train/test_exact_resume.py; the kill at a random step, 3 seeds, one process, is
+test_sigkill_random_step.py.)
 """
 
 from __future__ import annotations
