@@ -22,6 +22,10 @@ PRIMARY_CONFIG = "recap"
 # Groups placed under another package in conf/recap.yaml's defaults: chosen as group@package=option.
 GROUP_PACKAGES = {"optimizer": ("train_vae.optimizer", "pretrain_captioner.optimizer", "finetune_captioner.optimizer")}
 MAX_SWEEP_CHECKS = 64
+# Hydra instantiates these from its own config (by `_target_`); recap never lets the command line
+# choose them: `recap launch` starts jobs, and no other object is built from a name.
+HYDRA_OBJECTS = ("hydra.callbacks", "hydra.launcher", "hydra.sweeper", "hydra/callbacks", "hydra/launcher",
+                 "hydra/sweeper")
 
 
 def conf_dir() -> Path:
@@ -134,6 +138,13 @@ def _check_key(cfg: DictConfig, override: Any, groups: dict[str, list[str]]) -> 
         node = node._get_node(part)
 
 
+def _check_hydra_key(key: str) -> None:
+    """Refuse a hydra.* override that would make Hydra build an object by name (`_target_`)."""
+    if "_target_" in key.split(".") or any(key == k or key.startswith(k + ".") for k in HYDRA_OBJECTS):
+        raise ConfigError(key, "recap does not let the command line choose objects for Hydra to build (callbacks, "
+                          "launcher, sweeper, _target_); to start jobs elsewhere use `recap launch` (docs/slurm.md)")
+
+
 def sweep_keys(overrides: Sequence[str]) -> list[str]:
     """Keys of the overrides that are sweeps (a,b / range(...)): they need -m (multirun)."""
     return [o.key_or_group for o in _parse(overrides) if not o.is_hydra_override() and o.is_sweep_override()]
@@ -149,6 +160,9 @@ def check_overrides(overrides: Sequence[str]) -> ExperimentConfig:
     inconsistent values) for each swept value.
     """
     parsed = _parse(overrides)
+    for o in parsed:
+        if o.is_hydra_override():
+            _check_hydra_key(o.key_or_group)
     groups = config_groups()
     user = [o for o in parsed if not o.is_hydra_override()]
     for o in user:
