@@ -7,9 +7,14 @@ the Slurm script that must decide to requeue it. Each worker therefore records i
 a real failure (the lowest rank's) wins over a requeue, a requeue over success; with no record
 (a worker killed by SIGKILL) torchrun's own code stands.
 
-Signals: SIGTERM and SIGUSR1 sent to this process are passed to torchrun, which passes them to
-every worker's process group (``--signals-to-handle``); SIGINT from a terminal already reaches
-torchrun (same process group), so it is only kept from raising here.
+Signals: the launcher runs in a process group of its own, and SIGTERM, SIGUSR1 and SIGINT sent
+to this process are passed to that group: torchrun passes them on to every worker's process
+group (``--signals-to-handle``); under DeepSpeed's launcher the workers share the group and get
+them directly. Either launcher may die of a signal, or of a second one, before its workers have
+saved and left (DeepSpeed's has no SIGUSR1 handler; torchrun's handler raises again while it
+waits); so this process makes itself the "child subreaper" of its descendants (Linux), which
+hands it the orphaned workers, and it waits for them (up to ``drain_timeout_s``) before it
+reads their exit codes.
 
 A multi-node launch whose rendezvous fails (a node that never joins within the join timeout)
 ends torchrun with a bare ``RendezvousTimeoutError`` traceback. torchrun records its own fatal
@@ -20,19 +25,22 @@ endpoint, the node count and the timeout.
 
 from __future__ import annotations
 
-import os
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: preempted after a checkpoint; rerun the same command to resume
 EXIT_DIR_ENV = "RECAP_EXIT_DIR"
 LAUNCHER_ERROR_ENV = "TORCHELASTIC_ERROR_FILE"  # torchrun writes its own fatal exception there (JSON)
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 def record_exit(code: int | None, environ: dict[str, str] | None = None) -> None:
@@ -107,23 +115,54 @@ def launcher_failure(error_file: Path, cmd: Sequence[str]) -> str | None:
             "can be reached there")
 
 
-def run_supervised(cmd: Sequence[str], env: dict[str, str] | None = None) -> int:
-    """Run ``cmd`` (torchrun ...), forwarding SIGTERM/SIGUSR1 to it; the combined exit code.
-    A failed rendezvous is explained in one line on stderr (`launcher_failure`)."""
+def _become_subreaper() -> None:
+    """Orphaned descendants are reparented to this process instead of init (Linux; no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap_descendants(deadline: float) -> bool:
+    """Wait for every remaining child (orphaned workers handed to us) until ``deadline``; True
+    when none is left."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if pid == 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def run_supervised(cmd: Sequence[str], env: dict[str, str] | None = None, drain_timeout_s: float = 150.0) -> int:
+    """Run ``cmd`` (torchrun ..., deepspeed ...) in its own process group, passing SIGTERM, SIGUSR1
+    and SIGINT to that group; wait for the launcher and then for any worker it left behind (at most
+    ``drain_timeout_s``); return the combined exit code. A failed rendezvous is explained in one
+    line on stderr (`launcher_failure`)."""
+    _become_subreaper()
     with tempfile.TemporaryDirectory(prefix="recap-exit-") as directory:
         error_file = Path(directory) / "launcher_error.json"  # torchrun sets each worker's own
         child_env = {**(os.environ if env is None else env), EXIT_DIR_ENV: directory,
                      LAUNCHER_ERROR_ENV: str(error_file)}
-        proc = subprocess.Popen(list(cmd), env=child_env)
+        proc = subprocess.Popen(list(cmd), env=child_env, start_new_session=True)
 
         def forward(signum: int, _frame: object) -> None:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            try:
+                os.killpg(proc.pid, signum)
+            except (ProcessLookupError, PermissionError):  # the group is gone already
+                pass
 
         previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             code = proc.wait()
+            if not _reap_descendants(time.monotonic() + drain_timeout_s):
+                print(f"recap: warning: worker processes still running {drain_timeout_s:.0f} s after the launcher "
+                      "ended; not waiting for them", file=sys.stderr)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

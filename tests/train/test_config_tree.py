@@ -67,7 +67,7 @@ def test_config_groups_lists_every_yaml():
         "data": ["img2dataset", "toy"],
         "diffusion": ["eps_linear", "v_cosine"],
         "experiment": ["dalle3_1024", "dalle3_256", "toy"],
-        "launcher": ["local", "torchrun"],
+        "launcher": ["deepspeed", "local", "slurm", "torchrun"],
         "logger": ["default"],
         "optimizer": ["adamw"],
         "runtime": ["ddp", "single", "zero1", "zero2", "zero3"],
@@ -137,11 +137,16 @@ def test_production_experiment_specifics():
     assert large.captioner.model_name == "coca_ViT-L-14"
 
 
+HOSTFILE = "/etc/recap/hostfile"
+
+
 def _option_override(group: str, option: str) -> list[str]:
     if group in GROUP_PACKAGES:  # optimizer@train_vae.optimizer=adamw (each stage's place)
         return [f"{group}@{package}={option}" for package in GROUP_PACKAGES[group]]
     if group == "launcher" and option == "torchrun":  # several processes need a multi-process runtime
         return [f"{group}={option}", "runtime=ddp"]
+    if group == "launcher" and option == "deepspeed":  # its hostfile has no default
+        return [f"{group}={option}", f"launcher.hostfile={HOSTFILE}"]
     return [f"{group}={option}"]
 
 
@@ -160,6 +165,8 @@ def test_every_group_option_composes_and_validates(group, option):
         for part in package.split("."):
             placed = placed[part]
         expected = yaml.safe_load(text)
+        if (group, option) == ("launcher", "deepspeed"):
+            expected["hostfile"] = HOSTFILE  # the one value _option_override sets
         if header.startswith("# @package"):
             assert {k: placed[k] for k in expected} == expected
         elif package == packages[0]:

@@ -62,3 +62,62 @@ def test_other_rendezvous_failures_are_named_with_their_detail(tmp_path: Path) -
     assert launcher_failure(tmp_path / "missing.json", RDZV) is None
     error.write_text("not json")
     assert launcher_failure(error, RDZV) is None
+
+
+# ---- launchers that die before their workers (DeepSpeed's on SIGUSR1, torchrun on a second signal) ----
+# A stand-in launcher: starts one worker (in a new session like torchrun's, or in its own process
+# group like DeepSpeed's), then either exits at once with 1 or waits for it.
+LAUNCHER = """
+import os, subprocess, sys
+worker, new_session, wait = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+proc = subprocess.Popen([sys.executable, "-c", worker], start_new_session=new_session)
+sys.exit(proc.wait() if wait else 1)
+"""
+# A worker: records 75 after the signal (or after 1 s without one: "slow save"), like a preempted rank.
+WORKER = """
+import os, signal, sys, time
+code_file = os.path.join(os.environ["RECAP_EXIT_DIR"], "rank_0.code")
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+open(os.environ["READY_FILE"], "w").close()
+deadline = time.monotonic() + (30 if "{wait_for_signal}" == "1" else 1)
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+open(code_file, "w").write("75" if got or "{wait_for_signal}" != "1" else "0")
+"""
+
+
+def test_workers_a_dead_launcher_left_behind_are_waited_for(tmp_path: Path) -> None:
+    """The launcher exits 1 at once; its worker (another session) records 75 a second later: the
+    supervisor, their subreaper, waits for it and reports 75, not the launcher's 1."""
+    import os
+
+    worker = WORKER.format(wait_for_signal="0")
+    env = {**os.environ, "READY_FILE": str(tmp_path / "ready")}
+    assert run_supervised([sys.executable, "-c", LAUNCHER, worker, "1", "0"], env=env) == EXIT_REQUEUE
+
+
+def test_a_signal_reaches_every_process_of_the_launchers_group(tmp_path: Path) -> None:
+    """SIGUSR1 to the supervisor goes to the launcher's whole group: the launcher dies of it (as
+    DeepSpeed's does), the worker in its group records it and exits 75, and that is the result."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ready = tmp_path / "ready"
+
+    def signal_when_ready() -> None:
+        for _ in range(400):
+            if ready.exists():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=signal_when_ready)
+    thread.start()
+    start = time.monotonic()
+    code = run_supervised([sys.executable, "-c", LAUNCHER, WORKER.format(wait_for_signal="1"), "0", "1"],
+                          env={**os.environ, "READY_FILE": str(ready)})
+    thread.join()
+    assert code == EXIT_REQUEUE and time.monotonic() - start < 20
