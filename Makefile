@@ -31,8 +31,11 @@ sweep: $(STAMP)
 	$(BIN)/recap pipeline -m caption_mix.dsc=$(SWEEP_DSC) $(DEMO_ARGS)
 	$(BIN)/recap sweep-report $(DEMO_ARGS)
 
+# Two workers (pytest-xdist; a file's tests stay together, so module fixtures are built once):
+# most tests wait on `recap` subprocesses starting up, which one core alone leaves idle.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Refresh requirements.lock from the current environment (after changing dependencies).
 lock: $(STAMP)

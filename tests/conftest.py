@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on two cores: one compute thread each (and in every
+    # `recap` subprocess they start), or OpenMP's spinning threads oversubscribe the cores and the
+    # in-process tests run several times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 from data_pipeline.options import ToyDataOptions
 from data_pipeline.toy_shards import write_toy_dataset

@@ -64,3 +64,18 @@ def run_stage(stage: str, overrides: list[str]) -> dict:
 
     cfg = load_experiment(overrides)
     return importlib.import_module(f"train.{stage}").run(cfg, cfg.run.dir / stage)
+
+
+def t2i_inputs(toy_data: Path, root: Path) -> dict[str, Path]:
+    """What the stages before train-t2i give, built fast: recaptioned-layout shards (ground-truth
+    captions), a toy tokenizer and a random VAE folder, under ``root``."""
+    import torch
+
+    from data_pipeline.caption_tokenizer import save_tokenizer
+    from models.vae import build_vae
+
+    shards = write_captioned_shards(toy_data / "train", root / "captioned")
+    tokenizer = save_tokenizer(toy_tokenizer(24), root / "tokenizer")
+    torch.manual_seed(0)
+    build_vae([8, 16, 16, 16], layers_per_block=1, norm_num_groups=8).save_pretrained(root / "vae")
+    return {"shards": shards, "tokenizer": tokenizer, "vae": root / "vae"}

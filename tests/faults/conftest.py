@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.faults.runs import ONE_THREAD, one_thread, t2i_args, t2i_dir, vae_args
-from tests.helpers import run_recap, run_stage, toy_tokenizer, write_captioned_shards
+from tests.helpers import run_recap, run_stage
+from tests.helpers import t2i_inputs as build_t2i_inputs
 
 
 @pytest.fixture(scope="session")
@@ -25,15 +25,7 @@ def vae_reference(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def t2i_inputs(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """What the stages before train-t2i give: recaptioned-layout shards, a toy tokenizer, a random VAE."""
-    from data_pipeline.caption_tokenizer import save_tokenizer
-    from models.vae import build_vae
-
-    root = tmp_path_factory.mktemp("t2i_inputs")
-    shards = write_captioned_shards(toy_data / "train", root / "captioned")
-    tokenizer = save_tokenizer(toy_tokenizer(24), root / "tokenizer")
-    torch.manual_seed(0)
-    build_vae([8, 16, 16, 16], layers_per_block=1, norm_num_groups=8).save_pretrained(root / "vae")
-    return {"shards": shards, "tokenizer": tokenizer, "vae": root / "vae"}
+    return build_t2i_inputs(toy_data, tmp_path_factory.mktemp("t2i_inputs"))
 
 
 @pytest.fixture(scope="session")

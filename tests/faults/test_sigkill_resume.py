@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.faults.runs import assert_same
 from tests.helpers import logged_losses, run_recap, run_stage
 from train import checkpoint_files as files
 
@@ -49,24 +50,6 @@ def _stage_dir(root: Path) -> Path:
 
 def _final_checkpoint(root: Path) -> Path:
     return _stage_dir(root) / "checkpoints" / files.step_dir_name(STEPS)
-
-
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif hasattr(a, "__dict__"):  # DeepSpeed's LossScaler and friends have no __eq__
-        assert type(a) is type(b), where
-        _assert_same(vars(a), vars(b), where)
-    else:
-        assert a == b, where
 
 
 def _model_and_optimizer(checkpoint: Path) -> dict[str, Any]:
@@ -107,9 +90,9 @@ def test_sigkill_and_rerun_is_bit_identical(runtime: str, toy_data: Path, tmp_pa
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert {step: losses[-1] for step, losses in got.items()} == {step: v[0] for step, v in expected.items()}
     assert got[KILL_AT] == [expected[KILL_AT][0]] * 2  # the replayed step equals its first run
-    _assert_same(_model_and_optimizer(_final_checkpoint(straight)), _model_and_optimizer(_final_checkpoint(killed)))
+    assert_same(_model_and_optimizer(_final_checkpoint(straight)), _model_and_optimizer(_final_checkpoint(killed)))
     exported = "vae/diffusion_pytorch_model.safetensors"
-    _assert_same(load_file(_stage_dir(straight) / exported), load_file(_stage_dir(killed) / exported))
+    assert_same(load_file(_stage_dir(straight) / exported), load_file(_stage_dir(killed) / exported))
 
 
 def test_resuming_without_the_reader_position_or_the_rng_state_differs(toy_data: Path, tmp_path: Path) -> None:
