@@ -158,3 +158,38 @@ def test_sigusr1_to_one_ranks_process_group_checkpoints_every_rank_and_exits_75(
     summary = json.loads((_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["resumed"] is True and summary["steps"] == STEPS and summary["processes"] == 2
     _assert_same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_recap_under_deepspeeds_launcher_checkpoints_and_exits_75(toy_data: Path, tmp_path: Path) -> None:
+    """The cluster's signal reaches `recap` itself (as srun delivers it), here with DeepSpeed's
+    launcher, which has no SIGUSR1 handler and dies of it: recap signals the launcher's whole
+    process group, both ranks save the same step, and recap waits for them (their subreaper) and
+    exits 75; nothing is left running."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.faults.runs import free_port
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    args = ["launch", "train-vae", *_args(tmp_path, toy_data, "runtime=ddp", "launcher=deepspeed",
+                                          f"launcher.hostfile={hostfile}", "launcher.nproc_per_node=2",
+                                          f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}", "train_vae.steps=200",
+                                          "checkpoint.every_steps=100")]
+    proc = subprocess.Popen([sys.executable, "-m", "train.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = _run_dir(tmp_path) / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_REQUEUE, output[-3000:]
+    (step,) = files.committed_steps(_run_dir(tmp_path) / "checkpoints")
+    directory = _run_dir(tmp_path) / "checkpoints" / files.step_dir_name(step)
+    assert 1 <= step < 100 and sorted(p.name for p in directory.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert output.count(f"preempted by SIGUSR1 at step {step}") == 2  # each rank's own line
+    assert str(tmp_path) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
