@@ -74,8 +74,8 @@ STAGES: dict[str, Stage] = {
 }
 _FLAGS_WITH_VALUE = {"--cfg", "-c"}
 _CFG_VALUES = ("job", "hydra", "all")
-_MULTIRUN_FLAGS = {"-m", "--multirun"}
-_FLAGS = _MULTIRUN_FLAGS | {"--resolve"} | _FLAGS_WITH_VALUE
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+_FLAGS = MULTIRUN_FLAGS | {"--resolve"} | _FLAGS_WITH_VALUE
 
 
 def _print_help() -> None:
@@ -135,7 +135,7 @@ def _inside_launch() -> bool:
     return inside_torchrun() or inside_deepspeed_launcher()
 
 
-def _job_name(stage: str) -> str:
+def hydra_job_name(stage: str) -> str:
     return stage.replace("-", "_")  # Hydra's job name: names run directories (conf/recap.yaml)
 
 
@@ -156,7 +156,7 @@ def _check_batch_for_world(stage: Stage, experiment: Any) -> None:
         raise exc.under(stage.batch_section) from None
 
 
-def _fail(stage: str, message: str, code: int) -> int:
+def fail(stage: str, message: str, code: int) -> int:
     from train.redaction import redact_text
 
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
@@ -201,7 +201,7 @@ def _run_point(name: str, output_dir: str, prefix: Sequence[str] = ()) -> int:
                             f"hydra.run.dir='{quoted_dir}'"])
 
 
-def _run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: Sequence[str] = ()) -> int:
+def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: Sequence[str] = ()) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -228,30 +228,30 @@ def _run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: 
             experiment = experiment_from_omegaconf(cfg)
             importlib.import_module(STAGES[name].module).run(experiment, Path(output_dir))
         except ConfigError as exc:
-            sys.exit(_fail(name, str(exc), EXIT_USAGE))
+            sys.exit(fail(name, str(exc), EXIT_USAGE))
         except (DataError, CheckpointError) as exc:
-            sys.exit(_fail(name, str(exc), EXIT_DATA))
+            sys.exit(fail(name, str(exc), EXIT_DATA))
         except NonFiniteLoss as exc:
-            sys.exit(_fail(name, str(exc), EXIT_DIVERGED))
+            sys.exit(fail(name, str(exc), EXIT_DIVERGED))
         except Preempted as exc:
             print(f"recap {name}: {exc}", file=sys.stderr)
             sys.exit(EXIT_REQUEUE)
 
-    sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={_job_name(name)}"]
+    sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={hydra_job_name(name)}"]
     hydra.main(config_path=str(conf_dir()), config_name=PRIMARY_CONFIG, version_base="1.3")(task)()
     if failures:
         points = ", ".join(f"#{num} (exit {code})" for num, code in failures)
-        return _fail(name, f"{len(failures)} sweep point(s) failed: {points}; see their messages above", failures[0][1])
+        return fail(name, f"{len(failures)} sweep point(s) failed: {points}; see their messages above", failures[0][1])
     return 0
 
 
-def _checked(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
+def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
     """(overrides, flags, config of the first point) after every check that runs before a launch."""
     from train.config_loading import check_overrides, sweep_keys
 
     overrides, flags = _split_args(rest)
     swept = sweep_keys(overrides)
-    if swept and not _MULTIRUN_FLAGS & set(flags):
+    if swept and not MULTIRUN_FLAGS & set(flags):
         raise ConfigError(swept[0], "has several values (a sweep): add -m to run one job per value; for a "
                           "single value that contains commas quote it (key='a,b'), for a list use key=[a,b]")
     experiment = check_overrides(overrides)
@@ -261,7 +261,7 @@ def _checked(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
     return overrides, flags, experiment
 
 
-def _launcher_command(stage_args: list[str], launcher: Any) -> list[str] | None:
+def launcher_command(stage_args: list[str], launcher: Any) -> list[str] | None:
     """argv of the launcher that runs `recap <stage_args>` in every process, or None: run the stage
     in this process (launcher=local, or this process is one a launcher started)."""
     from launch.deepspeed_launch import HostfileError, deepspeed_command, read_hostfile
@@ -303,25 +303,25 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args[1:])
     name, rest = args[0], args[1:]
     if name not in STAGES:
-        return _fail(name, f"unknown stage '{name}'{did_you_mean(name, STAGES)}; stages: {', '.join(STAGES)}",
+        return fail(name, f"unknown stage '{name}'{did_you_mean(name, STAGES)}; stages: {', '.join(STAGES)}",
                      EXIT_USAGE)
     if "-h" in rest or "--help" in rest:
         _print_stage_help(name)
         return 0
     try:
-        overrides, flags, experiment = _checked(name, rest)
+        overrides, flags, experiment = checked_args(name, rest)
         if experiment.launcher.kind == "slurm":
             raise ConfigError("launcher", f"launcher=slurm submits a batch job: run `recap launch {name}` with the "
                               "same arguments (add --dry-run to see the sbatch script first)")
-        multirun = bool(_MULTIRUN_FLAGS & set(flags))
-        cmd = None if multirun else _launcher_command(args, experiment.launcher)  # sweeps launch per point
+        multirun = bool(MULTIRUN_FLAGS & set(flags))
+        cmd = None if multirun else launcher_command(args, experiment.launcher)  # sweeps launch per point
     except ConfigError as exc:
-        return _fail(name, str(exc), EXIT_USAGE)
+        return fail(name, str(exc), EXIT_USAGE)
     if cmd is not None:
         from launch.supervise import run_supervised
 
         return run_supervised(cmd)
-    return _run_hydra(name, overrides, flags)
+    return run_hydra(name, overrides, flags)
 
 
 def _main_recording_exit() -> int:

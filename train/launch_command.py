@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from train.cli import (EXIT_USAGE, STAGES, _MULTIRUN_FLAGS, _checked, _fail, _job_name, _launcher_command,
-                       _run_hydra)
+from train.cli import (EXIT_USAGE, STAGES, MULTIRUN_FLAGS, checked_args, fail, hydra_job_name, launcher_command,
+                       run_hydra)
 from train.typed_config import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -41,26 +41,26 @@ def launch(args: list[str]) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in STAGES:
-        return _fail("launch", f"unknown stage '{name}'{did_you_mean(name, STAGES)}; stages: {', '.join(STAGES)}",
+        return fail("launch", f"unknown stage '{name}'{did_you_mean(name, STAGES)}; stages: {', '.join(STAGES)}",
                      EXIT_USAGE)
     try:
-        overrides, flags, experiment = _checked(name, rest)
-        if set(flags) - _MULTIRUN_FLAGS:
+        overrides, flags, experiment = checked_args(name, rest)
+        if set(flags) - MULTIRUN_FLAGS:
             raise ConfigError("", f"recap launch takes -m and --dry-run, not {flags[0]}; `recap {name} --cfg job` "
                               "prints the config")
-        multirun = bool(_MULTIRUN_FLAGS & set(flags))
+        multirun = bool(MULTIRUN_FLAGS & set(flags))
         if not multirun and experiment.launcher.kind == "slurm":
             return _submit_slurm(name, overrides, experiment, dry_run)
-        cmd = None if multirun else _launcher_command([name, *rest], experiment.launcher)
+        cmd = None if multirun else launcher_command([name, *rest], experiment.launcher)
     except ConfigError as exc:
-        return _fail(f"launch {name}", str(exc), EXIT_USAGE)
+        return fail(f"launch {name}", str(exc), EXIT_USAGE)
     if multirun:  # each point is its own `recap launch`: its own job, in its point's run directory
-        return _run_hydra(name, overrides, flags, point_prefix=["launch", *(["--dry-run"] if dry_run else [])])
+        return run_hydra(name, overrides, flags, point_prefix=["launch", *(["--dry-run"] if dry_run else [])])
     if dry_run:
         print(shlex.join(cmd or [sys.executable, "-m", "train.cli", name, *rest]))
         return 0
     if cmd is None:
-        return _run_hydra(name, overrides, flags)
+        return run_hydra(name, overrides, flags)
     from launch.supervise import run_supervised
 
     return run_supervised(cmd)
@@ -74,7 +74,7 @@ def _run_dir(name: str, overrides: list[str]) -> Path:
     from train.config_loading import PRIMARY_CONFIG, conf_dir
 
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose(PRIMARY_CONFIG, overrides=[*overrides, f"hydra.job.name={_job_name(name)}"],
+        cfg = compose(PRIMARY_CONFIG, overrides=[*overrides, f"hydra.job.name={hydra_job_name(name)}"],
                       return_hydra_config=True)
     return Path.cwd() / str(OmegaConf.select(cfg, "hydra.run.dir"))
 
@@ -143,6 +143,6 @@ def _submit_slurm(name: str, overrides: list[str], experiment: Any, dry_run: boo
     try:
         job_id = slurm.submit(path)
     except slurm.SubmitError as exc:
-        return _fail(f"launch {name}", str(exc), EXIT_USAGE if isinstance(exc, slurm.SbatchMissing) else 1)
+        return fail(f"launch {name}", str(exc), EXIT_USAGE if isinstance(exc, slurm.SbatchMissing) else 1)
     print(f"submitted batch job {job_id}: script {path}, log {path.parent / f'{job_id}.out'}")
     return 0
