@@ -21,7 +21,6 @@ from typing import Any
 from data_pipeline.workers import RANK_SIGNALS
 
 log = logging.getLogger("recap")
-SIGNALS = RANK_SIGNALS
 
 
 class Preempted(Exception):
@@ -48,7 +47,7 @@ class PreemptionWatch:
                         signal.Signals(signum).name)
 
     def __enter__(self) -> PreemptionWatch:
-        for sig in SIGNALS:
+        for sig in RANK_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
         return self
 
