@@ -13,7 +13,7 @@ counts without allocating a byte, so this runs on a laptop.
 Memory per GPU of the trained states (xf + UNet), the usual mixed-precision accounting (ZeRO
 paper, Rajbhandari et al. 2020, section 3.1): bf16 weights 2 B + bf16 gradients 2 B + fp32 master
 weights and Adam moments 12 B per parameter, plus this trainer's EMA, an fp32 copy of the whole
-model on every rank (train/train_t2i.py ``EmaWeights``) = 4 B. ZeRO-1 shards the 12 B, ZeRO-2 also
+model on every rank (train/training/ema.py ``EmaWeights``) = 4 B. ZeRO-1 shards the 12 B, ZeRO-2 also
 the gradients, ZeRO-3 also the weights, over N GPUs. Frozen T5 and VAE are whole on every rank
 (train-t2i loads them even when it trains from the cache). A static estimate: activations,
 DDP gradient buckets, DeepSpeed communication buffers, the CUDA context and allocator
@@ -32,8 +32,8 @@ import torch
 
 from models.text_conditioning import build_t5_encoder
 from models.vae import build_vae
-from train.config_loading import load_experiment
-from train.t2i_parts import build_denoiser
+from train.config.loading import load_experiment
+from train.t2i.parts import build_denoiser
 
 PRESETS = ("dalle3_256", "dalle3_1024")
 # google/t5-v1_1-xxl's config.json (encoder half); feed_forward_proj gated-gelu is build_t5_encoder's.

@@ -2,7 +2,7 @@
 
 Same shards, same two captioners (SSC and DSC: random-weight CoCas exported like
 finetune-captioner's, forced to full-length captions as in caption_decoding.py), same batches.
-"stage" runs train/recaption.py in this process: tar reading, image decoding and preprocessing
+"stage" runs train/stages/recaption.py in this process: tar reading, image decoding and preprocessing
 in DataLoader workers, both captioners, output shards, stats files; timed by the stage itself
 from its first batch to its last stats file (model loading excluded on both sides). "decoder"
 captions the same images, already decoded and preprocessed in memory, batch for batch. The
@@ -53,8 +53,8 @@ def make_inputs(root: Path, images: int, per_shard: int, model: str) -> dict[str
 
 
 def run_stage(paths: dict[str, Path], out: Path, args: argparse.Namespace, workers: int) -> dict:
-    from train.config_loading import check_overrides
-    from train.recaption import run
+    from train.config.loading import check_overrides
+    from train.stages.recaption import run
 
     cfg = check_overrides([
         f"run.root={out}/runs", f"recaption.input={paths['shards']}", f"recaption.output={out}/shards",

@@ -44,9 +44,9 @@ from models.diffusion import make_scheduler
 from models.pipeline import RecapPipeline, pad_tokens
 from models.text_conditioning import build_t5_encoder
 from models.vae import build_vae
-from train.config_loading import load_experiment
-from train.t2i_export import sampling_scheduler
-from train.t2i_parts import build_denoiser
+from train.config.loading import load_experiment
+from train.t2i.sampling import sampling_scheduler
+from train.t2i.parts import build_denoiser
 
 PROMPTS = ["a large red circle on a white background", "a small blue striped square in the top left",
            "a green star and an orange heart", "the word cat written in purple"]

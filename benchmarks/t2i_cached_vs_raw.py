@@ -22,8 +22,9 @@ from data_pipeline.caption_tokenizer import save_tokenizer, train_caption_tokeni
 from data_pipeline.options import ToyDataOptions
 from data_pipeline.toy_shards import write_ground_truth_captions, write_toy_dataset
 from models.vae import build_vae
-from train import cache, train_t2i
-from train.config_loading import load_experiment
+from train.stages import cache
+from train.stages import train_t2i
+from train.config.loading import load_experiment
 
 
 def main() -> None:

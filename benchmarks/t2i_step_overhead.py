@@ -2,7 +2,7 @@
 
 Both sides train the same xf + UNet (the configured preset, random init) with the same frozen
 T5 and VAE, AdamW, gradient clipping and EMA, on one fixed batch (data loading is measured by
-benchmarks/reader_throughput.py). Ours is `train.loop.train_steps` driving `Objective` through
+benchmarks/reader_throughput.py). Ours is `train.training.loop.train_steps` driving `Objective` through
 the runtime, checkpointer, metrics logger and NaN policy, exactly as `recap train-t2i` runs it;
 the peer is the dozen lines a bare loop needs. Step times come from timestamps taken after each
 step (median; the first steps are warm-up), alternating the two sides. Prints ms/step and the
@@ -27,15 +27,16 @@ import torch
 from data_pipeline.caption_tokenizer import train_caption_tokenizer
 from models.diffusion import drop_captions, dropout_draws, loss_weights, noised_and_target, weighted_mse
 from models.vae import build_vae
-from train.checkpointing import Checkpointer, TrainState
-from train.config_loading import load_experiment
-from train.config_schema import ResumeConfig
-from train.loop import Parts, Schedule, train_steps
-from train.optimization import build_optimizer, build_staged_scheduler
-from train.run_logging import MetricsLogger
-from train.runtime import keep_freed_memory_in_heap, seed_everything, start_runtime
-from train.t2i_parts import FrozenEncoders, build_denoiser, load_text_encoder
-from train.train_t2i import EmaWeights, Objective
+from train.training.checkpointing import Checkpointer, TrainState
+from train.config.loading import load_experiment
+from train.config.execution import ResumeConfig
+from train.training.loop import Parts, Schedule, train_steps
+from train.training.optimization import build_optimizer, build_staged_scheduler
+from train.outputs.run_logging import MetricsLogger
+from train.runtime.processes import keep_freed_memory_in_heap, seed_everything, start_runtime
+from train.t2i.objective import Objective
+from train.t2i.parts import FrozenEncoders, build_denoiser, load_text_encoder
+from train.training.ema import EmaWeights
 
 
 class SameBatch:
@@ -105,7 +106,7 @@ def ours(cfg: Any, frozen: FrozenEncoders, batch: dict[str, Any], steps: int, tm
     schedule = Schedule(steps=steps + 1, accum=1, global_batch=len(batch["seeds"]), checkpoint_every=10**9,
                         log_every=1, show_progress=False)
     # steps + 1: the loop checkpoints after its last step, outside the timed steps
-    train_steps(parts, schedule, Objective(cfg, frozen, rt.device), desc="ours", after_step=after_step)
+    train_steps(parts, schedule, Objective(cfg.diffusion, frozen, rt.device), desc="ours", after_step=after_step)
     parts.metrics.close()
     rt.close()
     return [b - a for a, b in zip(stamps, stamps[1:])][: steps - 1]
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--unet", default="tiny", help="a conf/unet preset")
     args = parser.parse_args()
     cfg = load_experiment([f"unet={args.unet}", "runtime=single"])
-    # Our runtime keeps freed CPU memory in the heap (train/runtime.py); give the bare loop the same
+    # Our runtime keeps freed CPU memory in the heap (train/runtime/processes.py); give the bare loop the same
     # allocator setting so that the ratio measures the trainer, not malloc.
     keep_freed_memory_in_heap()
     with tempfile.TemporaryDirectory() as tmp:

@@ -134,7 +134,7 @@ class BucketedBatches:
         (counted in ``discarded``, returned): at most the read-ahead, once per stage switch. The
         same table and batch size (a resumed run's first call) keep the queues.
         """
-        self.reader.dataset.transform, self.reader.dataset.batch_size = transform, batch_size
+        self.reader.set_transform(transform, batch_size)
         if list(table) == self.queues.table and batch_size == self.queues.batch_size:
             return 0
         dropped = sum(len(q) for q in self.queues.queues)
@@ -150,7 +150,7 @@ class BucketedBatches:
         while True:
             bucket = choose_bucket(self.gather(self.queues.ready()), step=self.taken, seed=self.seed)
             if bucket is None:
-                if self._free() >= self.reader.dataset.batch_size:  # else: ready everywhere here; ask again
+                if self._free() >= self.reader.batch_size:  # else: ready everywhere here; ask again
                     for item in next(chunks):
                         if item is None:
                             self.mix.add(None)

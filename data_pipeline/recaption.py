@@ -9,7 +9,7 @@ One output shard per input shard, same file name, under the output directory:
 A shard is written under a temporary name and renamed when complete; the stats file follows
 it (also atomically). A shard without its stats file is not done and is redone from its
 first sample, so a killed job leaves nothing half-done behind and a rerun produces the same
-bytes. This module knows nothing of models or processes: the stage (train/recaption.py)
+bytes. This module knows nothing of models or processes: the stage (train/stages/recaption.py)
 captions the batches that `ShardBatches` yields and writes them with `ShardOutput`.
 """
 

@@ -9,6 +9,7 @@ Every skip here is attributed to a key and a reason so that it can be counted.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -283,6 +284,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file's bytes, read ``chunk`` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

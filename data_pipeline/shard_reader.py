@@ -270,6 +270,21 @@ class ShardReader:
     def num_shards(self) -> int:
         return len(self.dataset.urls)
 
+    @property
+    def batch_size(self) -> int:
+        """Items per batch (this rank's)."""
+        return self.dataset.batch_size
+
+    @property
+    def transform(self) -> Callable[[dict[str, Any]], Any]:
+        """The worker transform: sample dict -> item."""
+        return self.dataset.transform
+
+    def set_transform(self, transform: Callable[[dict[str, Any]], Any], batch_size: int) -> None:
+        """Use ``transform`` and ``batch_size`` for the batches of the next ``iter(reader)`` (a
+        resolution-stage switch); the position is kept."""
+        self.dataset.transform, self.dataset.batch_size = transform, batch_size
+
     def __iter__(self) -> Iterator[Any]:
         ds, workers = self.dataset, self.options.num_workers
         ds.start_states, ds.rotation = copy.deepcopy(self._positions), self._next_worker

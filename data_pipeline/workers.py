@@ -9,7 +9,7 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
-# The rank handles these (train/preemption.py: checkpoint at the next step, then exit 75).
+# The rank handles these (train/runtime/preemption.py: checkpoint at the next step, then exit 75).
 # torchrun passes them to the rank's whole process group, DataLoader workers included.
 RANK_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -60,10 +60,10 @@ def run_stage(stage: str, overrides: list[str]) -> dict:
     interpreter start-up); returns its summary. ``stage`` is the module name: ``train_vae``."""
     import importlib
 
-    from train.config_loading import load_experiment
+    from train.config.loading import load_experiment
 
     cfg = load_experiment(overrides)
-    return importlib.import_module(f"train.{stage}").run(cfg, cfg.run.dir / stage)
+    return importlib.import_module(f"train.stages.{stage}").run(cfg, cfg.run.dir / stage)
 
 
 def t2i_inputs(toy_data: Path, root: Path) -> dict[str, Path]:
@@ -93,7 +93,7 @@ def assert_close_to_scale(actual, expected, rel: float = 1e-5, msg: str = "") ->
     """
     import torch
 
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
     assert actual.shape == expected.shape, (msg, actual.shape, expected.shape)
     scale = float(expected.abs().max())
     error = float((actual - expected).abs().max())

@@ -17,6 +17,12 @@ PACKAGES = ["train", "data_pipeline", "models", "launch"]
 DIST = "recap-diffusion"
 
 
+def _package_dirs() -> list[str]:
+    """Every package of the repository's top-level packages, dotted (train, train.stages, ...)."""
+    return sorted(".".join(init.parent.relative_to(REPO).parts) for top in PACKAGES
+                  for init in (REPO / top).rglob("__init__.py") if "__pycache__" not in init.parts)
+
+
 def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
@@ -29,10 +35,16 @@ def test_repo_root_has_pyproject():
 def test_pyproject_declares_exactly_these_packages():
     packages = _pyproject()["tool"]["setuptools"]["packages"]
     assert isinstance(packages, list), "packages must be an explicit list, not a find directive"
-    assert sorted(packages) == sorted(PACKAGES)
+    assert sorted({p.split(".")[0] for p in packages}) == sorted(PACKAGES)
     assert len(packages) == len(set(packages))
+    # an explicit list leaves subpackages out of a wheel unless each is named
+    assert sorted(packages) == _package_dirs()
     for name in PACKAGES:
         assert (REPO / name / "__init__.py").is_file(), name
+    for name in _package_dirs():  # no folder of modules without an __init__.py (a wheel would drop it)
+        folder = REPO / name.replace(".", "/")
+        assert not [d.name for d in folder.iterdir() if d.is_dir() and d.name != "__pycache__"
+                    and any(d.glob("*.py")) and not (d / "__init__.py").exists()], name
 
 
 def test_console_script_declared_and_installed():
@@ -58,6 +70,39 @@ def test_installed_distribution_provides_the_packages():
     top_level = metadata.distribution(DIST).read_text("top_level.txt")
     if top_level is not None:  # setuptools writes it; other backends may not
         assert sorted(top_level.split()) == sorted(PACKAGES)
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_stage(tmp_path):
+    """A non-editable install (a wheel) contains every subpackage: each stage of `recap --help`
+    and the CLI import from the wheel alone, in a process where the repository is not on sys.path."""
+    import shutil
+
+    wheel_dir, site, source = tmp_path / "wheel", tmp_path / "site", tmp_path / "source"
+    # a clean copy: setuptools builds in <source>/build, and a stale build/ would leak old files into the wheel
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "runs", "__pycache__",
+                                                                 "*.egg-info", "multirun", "wandb"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheel_dir), str(source)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheel_dir.glob("recap_diffusion-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)  # a wheel is a zip of the installed tree
+    from train.commands.stage_table import STAGES
+
+    modules = ["train.cli", *(stage.module for stage in STAGES.values())]
+    code = ("import importlib, json, sys; "
+            f"mods = {modules!r}; "
+            "print(json.dumps({m: importlib.import_module(m).__file__ for m in mods}))")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = json.loads(proc.stdout)
+    assert sorted(files) == sorted(modules)
+    assert all(Path(f).resolve().is_relative_to(site.resolve()) for f in files.values()), files
 
 
 def test_packages_resolve_here_from_another_directory(tmp_path):

@@ -136,7 +136,7 @@ def test_stage_switch_drops_the_read_ahead_and_uses_the_new_table(shards, tokeni
     _take(batches, 3)
     queued = sum(len(q) for q in batches.queues.queues)
     table = bucket_table(128, step=16)
-    assert batches.set_stage(list(batches.table), BATCH, batches.reader.dataset.transform) == 0  # same stage: kept
+    assert batches.set_stage(list(batches.table), BATCH, batches.reader.transform) == 0  # same stage: kept
     dropped = batches.set_stage(table, 2, FitToBucket(table, MIX, tokenizer, 16))
     assert dropped == queued and batches.discarded == queued
     after = _take(batches, 4)

@@ -1,6 +1,6 @@
 """Fault-injection suite (issue 7, parts 3 and 4): small enough for CI, every test with a bound.
 
-Faults are injected with RECAP_FAULT (train/fault_injection.py: ``sigkill|sigterm|sigusr1|nan``
+Faults are injected with RECAP_FAULT (train/runtime/failpoints.py: ``sigkill|sigterm|sigusr1|nan``
 at ``step=N``, ``from_step=N``, ``save=N``, ... on a ``rank``, several separated by ``;``). The
 reference runs are session fixtures (conftest.py); tiny overrides and comparisons in runs.py.
 Each fault of the issue, and the tests that cover it (here, or where they already lived):

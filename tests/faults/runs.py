@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import REPO, logged_losses
-from train import checkpoint_files as files
+from train.training import checkpoint_files as files
 
 VAE_STEPS = 8
 T2I_STEPS = 3

@@ -16,7 +16,7 @@ import pytest
 
 from tests.faults.runs import ONE_THREAD, VAE_STEPS, assert_same_run, one_thread, vae_args, vae_dir
 from tests.helpers import logged_losses, run_recap, run_stage
-from train import checkpoint_files as files
+from train.training import checkpoint_files as files
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""train/fault_injection.py: what a RECAP_FAULT value selects (pure; no process is harmed)."""
+"""train/runtime/failpoints.py: what a RECAP_FAULT value selects (pure; no process is harmed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from train.fault_injection import Fault, maybe_fail, parse_faults, poison_loss
+from train.runtime.failpoints import Fault, maybe_fail, parse_faults, poison_loss
 
 
 def test_parse_actions_points_rank_group_and_several_faults() -> None:

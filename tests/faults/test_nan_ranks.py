@@ -1,7 +1,7 @@
 """A NaN loss on one rank of two (torchrun, DDP, train-t2i): both ranks take the same decision.
 
 Every rank decides from the loss averaged over ranks and the all-reduced gradient norm
-(train/loop.py), so a NaN on rank 1 alone is seen by rank 0 too:
+(train/training/loop.py), so a NaN on rank 1 alone is seen by rank 0 too:
 - nan_policy=skip: both ranks skip that update and go on in step (the next step's loss is finite
   on both, which it could not be had rank 1 applied a NaN update); max_consecutive_skips skips
   in a row abort the run on both ranks (exit 4);
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from tests.faults.runs import ONE_THREAD, t2i_args, t2i_dir
 from tests.helpers import run_recap
-from train import checkpoint_files as files
+from train.training import checkpoint_files as files
 
 pytestmark = pytest.mark.slow
 TWO_PROCESSES = ("launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp")

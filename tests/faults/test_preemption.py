@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from launch.supervise import EXIT_REQUEUE, combine_exit_codes, read_exit_codes, record_exit
 from tests.helpers import logged_losses, run_recap, run_stage
-from train import checkpoint_files as files
-from train.preemption import Preempted, PreemptionWatch
+from train.training import checkpoint_files as files
+from train.runtime.preemption import Preempted, PreemptionWatch
 
 STEPS = 6
 

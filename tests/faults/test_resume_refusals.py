@@ -15,8 +15,8 @@ import pytest
 
 from tests.faults.runs import ONE_THREAD, one_thread, t2i_args, t2i_dir, vae_args, vae_dir
 from tests.helpers import run_recap, run_stage
-from train import checkpoint_files as files
-from train.typed_config import ConfigError
+from train.training import checkpoint_files as files
+from train.config.typed import ConfigError
 
 pytestmark = pytest.mark.slow
 

@@ -2,12 +2,12 @@
 
 - recap never instantiates ``_target_``: no module calls hydra.utils.instantiate/call and conf/
   has no ``_target_`` (checked below). Every config key must exist in the typed schema
-  (train/config_schema.py), so a ``_target_`` anywhere in the experiment config, given on the
+  (train/config/experiment.py), so a ``_target_`` anywhere in the experiment config, given on the
   command line or in a config-group yaml, is an unknown key: exit 2, one line, before any work
   (no run directory, the marker command never runs).
 - Hydra's own config (``hydra.*``) is not recap's schema: Hydra instantiates ``hydra.callbacks``,
   ``hydra.launcher`` and ``hydra.sweeper`` itself. recap refuses overrides of those (and any
-  ``_target_`` under ``hydra.``) before Hydra sees them (train/config_loading.py): exit 2, one
+  ``_target_`` under ``hydra.``) before Hydra sees them (train/config/loading.py): exit 2, one
   line, whatever Hydra's own blocklist would have done.
 - A malicious pickle placed in a real checkpoint (manifest re-sealed, so only the loader stands
   in the way) is refused naming the file, and its code never runs.
@@ -32,8 +32,9 @@ import torch
 
 from tests.faults.runs import VAE_STEPS, one_thread, vae_args, vae_dir
 from tests.helpers import REPO, run_recap, run_stage
-from train import checkpoint_files as files
-from train.cli import EXIT_USAGE, main
+from train.training import checkpoint_files as files
+from train.commands.exit_codes import EXIT_USAGE
+from train.cli import main
 
 PACKAGES = ("train", "models", "data_pipeline", "launch")
 
@@ -94,7 +95,7 @@ def test_a_target_in_a_config_group_yaml_is_rejected(tmp_path: Path, monkeypatch
 
 def test_recap_never_instantiates_a_target() -> None:
     """Why the rejections above are enough: no code path turns config into objects by name."""
-    # _target_ used as a key (cfg["_target_"], {"_target_": ...}); train/config_loading.py names it only to refuse it
+    # _target_ used as a key (cfg["_target_"], {"_target_": ...}); train/config/loading.py names it only to refuse it
     calls = re.compile(r"\binstantiate\s*\(|hydra\.utils|\b(get_method|get_class|get_object)\s*\(|"
                        r"[\"']_target_[\"']\s*[:\]]|\._target_\b")
     sources = [path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))]

@@ -3,7 +3,7 @@ equals one uninterrupted run bit for bit (every loss, the final weights, optimiz
 RNG states and reader position).
 
 Cheap by construction: tiny single-process train-vae (8 steps, a checkpoint every 2). The killed
-run is a real `recap` process (RECAP_FAULT=sigkill@..., train/fault_injection.py) so the kill
+run is a real `recap` process (RECAP_FAULT=sigkill@..., train/runtime/failpoints.py) so the kill
 lands in a live training process; the uninterrupted reference (session fixture) and the reruns
 run in this process. The 2-process version, and the negative controls showing the comparison can
 fail, are in test_sigkill_resume.py.
@@ -19,7 +19,7 @@ import pytest
 
 from tests.faults.runs import ONE_THREAD, VAE_STEPS, assert_same_run, one_thread, vae_args, vae_dir
 from tests.helpers import logged_losses, run_recap, run_stage
-from train import checkpoint_files as files
+from train.training import checkpoint_files as files
 
 pytestmark = pytest.mark.slow
 CHECKPOINT_EVERY = 2  # runs.vae_args

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from tests.faults.runs import assert_same
 from tests.helpers import logged_losses, run_recap, run_stage
-from train import checkpoint_files as files
+from train.runtime.processes import deepspeed_safe_globals
+from train.training import checkpoint_files as files
 
 pytestmark = pytest.mark.slow
 STEPS, KILL_AT = 12, 7
@@ -55,7 +56,8 @@ def _final_checkpoint(root: Path) -> Path:
 def _model_and_optimizer(checkpoint: Path) -> dict[str, Any]:
     """Every weight and optimizer tensor of a checkpoint, whatever the runtime wrote."""
     if (checkpoint / "deepspeed").is_dir():
-        return {p.name: files.safe_torch_load(p, deepspeed_types=True) for p in sorted((checkpoint / "deepspeed").glob("*.pt"))}
+        allow = deepspeed_safe_globals()  # DeepSpeed's bookkeeping classes in its optimizer files
+        return {p.name: files.safe_torch_load(p, allow=allow) for p in sorted((checkpoint / "deepspeed").glob("*.pt"))}
     return {"model": load_file(checkpoint / "model.safetensors"), "optimizer": files.safe_torch_load(checkpoint / "optimizer.pt")}
 
 

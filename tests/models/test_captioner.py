@@ -13,7 +13,7 @@ from data_pipeline.transforms import CaptionPairs
 from models.captioner import (CONFIG_FILE, EOT_ID, SOT_ID, WEIGHTS_FILE, CaptionerTraining, build_captioner,
                               caption_loss, export_captioner, image_transform, load_exported, tokenizer)
 from tests.helpers import TINY_COCA as ARCH
-from train.captioner_training import contrastive_only_parameters
+from train.captioning.coca_training import contrastive_only_parameters
 
 CAPTIONS = ["a red circle", "two shapes: a large blue dotted hexagon and a small green star on a beige background",
             "IMG_4821.jpg", "the word \"apple\" is written in pink"]

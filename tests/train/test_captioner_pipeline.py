@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.helpers import logged_losses, run_recap, run_stage
-from train import checkpoint_files as files
+from train.training import checkpoint_files as files
 
 pytestmark = pytest.mark.slow
 SMALL = ["captioner.architecture.vision_cfg.layers=1", "captioner.architecture.text_cfg.layers=1",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import checkpoint_files as files
+from train.training import checkpoint_files as files
 
 
 def _write_checkpoint(root: Path, step: int, payload: bytes = b"weights") -> Path:

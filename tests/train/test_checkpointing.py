@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from train import checkpoint_files as files
-from train.checkpointing import Checkpointer, TrainState, resume_fingerprint
-from train.config_schema import OptimizerConfig, ResumeConfig, RuntimeConfig
-from train.optimization import build_optimizer, build_scheduler
-from train.runtime import Runtime, start_runtime
-from train.typed_config import ConfigError
+from train.training import checkpoint_files as files
+from train.training.checkpointing import Checkpointer, TrainState, resume_fingerprint
+from train.config.training import OptimizerConfig
+from train.config.execution import ResumeConfig, RuntimeConfig
+from train.training.optimization import build_optimizer, build_scheduler
+from train.runtime.processes import Runtime, start_runtime
+from train.config.typed import ConfigError
 
 
 class CountingReader:

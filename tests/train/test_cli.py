@@ -1,5 +1,5 @@
 """The `recap` console script: help, one-line usage errors (exit 2), multirun, and the
-override pre-checks behind them (train/config_loading.py)."""
+override pre-checks behind them (train/config/loading.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.cli import EXIT_USAGE, STAGES, main
-from train.config_loading import GROUP_PACKAGES, check_overrides, config_groups, load_experiment, sweep_keys
-from train.typed_config import ConfigError
+from train.commands.exit_codes import EXIT_USAGE
+from train.commands.stage_table import STAGES
+from train.cli import main
+from train.config.loading import GROUP_PACKAGES, check_overrides, config_groups, load_experiment, sweep_keys
+from train.config.typed import ConfigError
 
 RECAP = Path(sys.executable).with_name("recap")
 TOP_KEYS = ("cache, caption, caption_mix, captioner, checkpoint, data, diffusion, evaluate, evaluate_captioner, "

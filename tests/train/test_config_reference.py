@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from train import config_reference
-from train.config_schema import ExperimentConfig, FinetuneCaptionerConfig
+from train.config import reference as config_reference
+from train.config.experiment import ExperimentConfig
+from train.config.training import FinetuneCaptionerConfig
 
 ROW = re.compile(r"^\| `(?P<key>[^`]+)` \| `(?P<type>(?:[^`])+)` \| (?P<rest>.*) \|$")
 
@@ -98,8 +99,8 @@ def test_groups_are_listed_with_the_experiments_choices(generated: str) -> None:
 
 def test_checked_in_reference_is_current(generated: str) -> None:
     path = Path(config_reference.OUTPUT)
-    assert path.is_file(), "run: python -m train.config_reference"
-    assert path.read_text() == generated, "docs/config-reference.md is stale; run: python -m train.config_reference"
+    assert path.is_file(), "run: python -m train.config.reference"
+    assert path.read_text() == generated, "docs/config-reference.md is stale; run: python -m train.config.reference"
 
 
 def test_check_flag_reports_staleness(tmp_path: Path, generated: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,16 +9,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from train.config_loading import (
-    GROUP_PACKAGES,
-    compose,
-    conf_dir,
-    config_groups,
-    experiment_from_omegaconf,
-    load_experiment,
-)
-from train.config_schema import ExperimentConfig, check_batch
-from train.typed_config import ConfigError, flatten
+from train.config.loading import (GROUP_PACKAGES, compose, conf_dir, config_groups, experiment_from_omegaconf, load_experiment)
+from train.config.experiment import ExperimentConfig
+from train.config.training import check_batch
+from train.config.typed import ConfigError, flatten
 
 REPO = Path(__file__).resolve().parents[2]
 GROUPS = config_groups()

@@ -17,7 +17,7 @@ from PIL import Image
 from models.attribute_probe import ATTRIBUTES, binding_accuracy, load_probe, predict, probe_targets
 from models.clip_score import pair_scores, to_clip_input, tokenize_references
 from tests.helpers import run_recap, run_stage
-from train.typed_config import ConfigError
+from train.config.typed import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def _shard(path: Path) -> list[tuple[Image.Image, str, dict]]:
 
 def _pixels(images: list[Image.Image], size: int) -> torch.Tensor:
     """(N, 3, size, size) float in [0, 1], squashed as the stages do."""
-    from train.train_eval_clip import square_pixels
+    from train.evaluation.heldout import square_pixels
 
     return torch.stack([torch.from_numpy(square_pixels(im, size)) for im in images]).float() / 255
 
@@ -269,7 +269,7 @@ def test_train_eval_clip_refuses_missing_shards_and_split_batches(tmp_path: Path
 
 
 def test_the_dsc_reference_is_recaptions_member_when_present_else_the_toy_ground_truth() -> None:
-    from train.evaluate import EvalItem
+    from train.evaluation.heldout import EvalItem
 
     truth = {"objects": [{"shape": "star", "colour": "red", "size": "small", "texture": "solid", "position": "top",
                           "box": [0, 0, 8, 8]}], "text": None}

@@ -18,8 +18,8 @@ import torch
 from data_pipeline import transforms
 from models.captioner import build_captioner, export_captioner
 from tests.helpers import TINY_COCA as ARCH
-from train import finetune_captioner
-from train.config_loading import load_experiment
+from train.stages import finetune_captioner
+from train.config.loading import load_experiment
 
 
 def _raw_metadata(shard_dir: Path) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,8 @@ from launch.deepspeed_launch import (
     read_hostfile,
 )
 from tests.helpers import run_recap
-from train.cli import EXIT_USAGE, main
+from train.commands.exit_codes import EXIT_USAGE
+from train.cli import main
 
 RUNNER = ["/py", "-m", "deepspeed.launcher.runner"]
 TAIL = ["--no_local_rank", "--module", "train.cli", "train-vae", "runtime=ddp"]

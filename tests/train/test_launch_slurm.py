@@ -28,7 +28,8 @@ from launch.slurm import (
     time_limit_seconds,
 )
 from tests.helpers import REPO, run_recap
-from train.cli import EXIT_USAGE, main
+from train.commands.exit_codes import EXIT_USAGE
+from train.cli import main
 
 NODE_ARGS = (f"launcher.nnodes={NNODES}", f"launcher.node_rank={NODE_RANK}", f"launcher.rdzv_endpoint={RDZV_ENDPOINT}",
              f"launcher.rdzv_id=slurm-{JOB_ID}")

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run_recap
-from train.pipeline import plan
-from train.typed_config import ConfigError
+from train.config.typed import ConfigError
+from train.outputs.markdown import cell
+from train.outputs.pipeline_report import write_report
+from train.stages.pipeline import plan
 
 STAGES = ["make-toy-data", "finetune-captioner style=ssc", "cache", "train-t2i", "sample", "train-eval-clip", "evaluate"]
 
@@ -43,6 +45,32 @@ def test_plan_rejects_unknown_stages(tmp_path: Path) -> None:
         plan(["make-toy-data", "train-gan"], experiment_dir=tmp_path)
     with pytest.raises(ConfigError, match="'pipeline' is not a stage"):
         plan(["pipeline"], experiment_dir=tmp_path)
+
+
+def test_markdown_cells_escape_what_would_break_a_row() -> None:
+    assert cell("a | b\nc") == "a \\| b c"
+    assert (cell(None), cell(0.123456, 2), cell(3, 3)) == ("–", "0.12", "3.000")
+
+
+def test_report_from_plain_values_says_what_has_not_run(tmp_path: Path) -> None:
+    experiment = tmp_path / "toy"
+    steps = plan(["make-toy-data", "sample"], experiment_dir=experiment)
+    (experiment / "evaluate_captioner").mkdir(parents=True)
+    (experiment / "evaluate_captioner" / "summary.json").write_text(json.dumps(
+        {"samples": 4, "ssc_recall": 0.5, "ssc_precision": 0.75, "ssc_recall_other_image": 0.25}))
+    (experiment / "sample").mkdir()
+    (experiment / "sample" / "grid.png").write_bytes(b"")
+    (experiment / "sample" / "prompts.jsonl").write_text(json.dumps({"rewritten": "a | b"}) + "\n")
+    path = write_report(steps, {"make-toy-data": {"seconds": 1.25, "status": "ran"}}, experiment, run_name="toy",
+                        experiment_dir=experiment, recaptioned=str(tmp_path / "none"), examples=2)
+    report = path.read_text()
+    assert path == experiment / "report.md" and report.startswith("# toy: the recipe end to end\n")
+    assert f"| `make-toy-data` | ran | 1.2 | `{experiment / 'make_toy_data'}` |" in report
+    assert f"| `sample` | not run |  | `{experiment / 'sample'}` |" in report
+    assert f"_No recaptioned shards at `{tmp_path / 'none'}` yet" in report
+    assert "| ssc | 0.750 | 0.500 | 0.250 |" in report
+    assert "1. a \\| b" in report and "![samples](sample/grid.png)" in report
+    assert "_`recap evaluate` has not run._" in report
 
 
 @pytest.mark.slow

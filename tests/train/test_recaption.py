@@ -23,7 +23,7 @@ from models.captioner import build_captioner, export_captioner, image_transform,
 from models.decoding_options import DecodingOptions
 from tests.data_pipeline.dp_testlib import fault_members, fault_shard, jpeg_bytes, read_members, write_tar
 from tests.helpers import TINY_COCA, run_recap
-from train.typed_config import ConfigError
+from train.config.typed import ConfigError
 
 pytestmark = pytest.mark.slow
 TOY_SHARDS, TOY_SAMPLES = 8, 16  # tests/conftest.py SMALL_TOY
@@ -58,8 +58,8 @@ class Setup:
 
     def run_here(self, output: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
         """The stage in this process (no interpreter start-up): its summary."""
-        from train.config_loading import check_overrides
-        from train.recaption import run
+        from train.config.loading import check_overrides
+        from train.stages.recaption import run
 
         with pytest.MonkeyPatch.context() as patch:
             for name, value in (env or {}).items():
@@ -191,8 +191,8 @@ def test_slurm_array_and_torchrun_splits_cover_every_shard_once(setup: Setup, re
     ("recaption.rank=1", r"recaption.rank: set both rank and world_size, or neither"),
 ])
 def test_bad_arguments_are_refused_before_any_work(setup: Setup, override: str, message: str) -> None:
-    from train.config_loading import check_overrides
-    from train.recaption import check
+    from train.config.loading import check_overrides
+    from train.stages.recaption import check
 
     out = setup.root / "never"
     cfg = check_overrides([*setup.args(out)[1:], *override.format(root=setup.root, input=setup.input).split()])
@@ -234,8 +234,8 @@ def test_only_failures_redoes_just_the_failed_keys(setup: Setup, reference: Path
 def test_train_tokenizer_learns_from_the_recaptioned_shards(setup: Setup, reference: Path, tmp_path: Path) -> None:
     """The next stage's consumer: a T5 tokenizer fitted on txt + ssc + dsc of the output shards."""
     from data_pipeline.caption_tokenizer import load_tokenizer
-    from train.config_loading import check_overrides
-    from train.train_tokenizer import run
+    from train.config.loading import check_overrides
+    from train.stages.train_tokenizer import run
 
     cfg = check_overrides([f"run.root={setup.root / 'runs'}", f"train_tokenizer.input={reference}",
                            f"text_encoder.tokenizer={tmp_path / 'tok'}", "train_tokenizer.vocab_size=400",

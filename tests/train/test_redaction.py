@@ -1,4 +1,4 @@
-"""train/redaction.py: secrets never reach what a run writes."""
+"""train/outputs/redaction.py: secrets never reach what a run writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from train.redaction import MASK, is_secret_key, redact_text, redact_tree
+from train.outputs.redaction import MASK, is_secret_key, redact_text, redact_tree
 
 
 @pytest.fixture(autouse=True)

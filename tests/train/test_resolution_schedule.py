@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.resolution_schedule import ResolutionStage, check_schedule, stage_at, stage_starts, total_steps
+from train.t2i.resolution_schedule import ResolutionStage, check_schedule, stage_at, stage_starts, total_steps
 
 PRODUCTION = [ResolutionStage(256, 1000, 2048, 32, 1e-4), ResolutionStage(512, 300, 1024, 16, 5e-5),
               ResolutionStage(1024, 200, 512, 8, 2e-5)]
@@ -32,3 +32,19 @@ def test_every_step_maps_to_its_stage() -> None:
 def test_bad_schedules_name_the_stage(stages: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_schedule(stages)
+
+
+def test_a_plan_resumes_inside_a_stage_and_names_the_sampling_resolution() -> None:
+    from train.t2i.resolution_schedule import ResolutionPlan
+
+    plan = ResolutionPlan(tuple(PRODUCTION), (8, 4, 2))
+    assert len(plan) == 3 and plan.lengths == [1000, 300, 200] and plan.lrs == [1e-4, 5e-5, 2e-5]
+    assert plan.labels() == ["256px x 1000", "512px x 300", "1024px x 200"]
+    second = plan[1]
+    assert (second.index, second.count, second.accum, second.start, second.end) == (1, 3, 4, 1000, 1300)
+    assert [p.index for p in plan.remaining(0)] == [0, 1, 2]
+    assert [p.index for p in plan.remaining(1000)] == [1, 2]  # exactly on the boundary: the next stage
+    assert [p.index for p in plan.remaining(1299)] == [1, 2]  # inside it: that stage again, part way
+    assert plan.remaining(1500) == []
+    # the resolution trained at after ``step`` steps: the stage that ran the last one
+    assert [plan.resolution_after(s) for s in (0, 1, 1000, 1001, 1500)] == [256, 256, 256, 512, 1024]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.helpers import REPO, assert_close_to_scale
-from train.config_schema import RuntimeConfig
-from train.runtime import deepspeed_config, seed_everything, start_runtime
-from train.typed_config import ConfigError
+from train.config.execution import RuntimeConfig
+from train.runtime.processes import deepspeed_config, seed_everything, start_runtime
+from train.config.typed import ConfigError
 
 
 def test_deepspeed_config_per_stage() -> None:
@@ -77,9 +77,10 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
 # in its own interpreter and prints its losses and final weights as JSON.
 _ZERO_SCRIPT = """
 import json, sys, torch
-from train.config_schema import OptimizerConfig, RuntimeConfig
-from train.optimization import build_optimizer, build_scheduler
-from train.runtime import start_runtime
+from train.config.training import OptimizerConfig
+from train.config.execution import RuntimeConfig
+from train.training.optimization import build_optimizer, build_scheduler
+from train.runtime.processes import start_runtime
 stage = int(sys.argv[1])
 options = RuntimeConfig(kind="deepspeed" if stage else "single", zero_stage=stage, device="cpu")
 rt = start_runtime(options, micro_batch_size=4, grad_accum=2, grad_clip=1.0)

@@ -21,11 +21,12 @@ from models.unet import build_unet
 from models.vae import build_vae
 from models.denoiser import CaptionConditionedUNet
 from tests.helpers import assert_close_to_scale, run_stage
-from train.config_sampling import RewriterConfig, SamplerConfig
-from train.prompt_rewriter import ChatRewriter, RewriteError, build_rewriter
-from train.sample import generate, read_prompts
-from train.t2i_export import RAW_IS_EXPORT, export_raw_weights, load_sampler
-from train.typed_config import ConfigError
+from train.config.sampling import RewriterConfig, SamplerConfig
+from train.t2i.prompt_rewriter import ChatRewriter, RewriteError, build_rewriter
+from train.stages.sample import read_prompts
+from train.t2i.export import RAW_IS_EXPORT, export_raw_weights
+from train.t2i.sampling import generate, load_sampler
+from train.config.typed import ConfigError
 
 PROMPTS = ["a red circle", "a blue striped square in the top left", "the word cat"]
 

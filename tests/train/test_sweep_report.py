@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 
 from tests.helpers import run_stage
-from train.sweep_report import collect, metric_columns, table
-from train.typed_config import ConfigError
+from train.stages.sweep_report import collect, metric_columns, table
+from train.config.typed import ConfigError
 
 POINTS = {0: (0.95, 61.0, 70.5, 0.80), 1: (0.0, 60.0, 55.25, 0.30), 2: (0.5, 60.5, 66.0, 0.65)}
 

@@ -1,14 +1,17 @@
 """Pieces of train-t2i tested in process: EMA update math, gradient checkpointing, the staged LR
-schedule, and the toy T5 being the same in every stage that builds it."""
+schedule, the toy T5 being the same in every stage that builds it, seeds kept on the CPU, and
+the run settings every training stage hands to its session."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from train.checkpointing import TrainState
-from train.config_schema import OptimizerConfig
-from train.optimization import staged_lr_factor
-from train.train_t2i import EmaWeights
+from train.training.checkpointing import TrainState
+from train.config.training import OptimizerConfig
+from train.training.optimization import staged_lr_factor
+from train.training.ema import EmaWeights
 from tests.helpers import assert_close_to_scale
 
 
@@ -36,8 +39,8 @@ def test_ema_follows_diffusers_decay_schedule_in_a_module_copy() -> None:
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
-    from train.config_loading import load_experiment
-    from train.t2i_parts import build_denoiser
+    from train.config.loading import load_experiment
+    from train.t2i.parts import build_denoiser
 
     unet = load_experiment([]).unet
     torch.manual_seed(0)
@@ -68,8 +71,8 @@ def test_each_resolution_stage_warms_up_to_its_own_lr() -> None:
 def test_the_toy_t5_is_the_same_wherever_it_is_built(tmp_path) -> None:
     from data_pipeline.caption_tokenizer import save_tokenizer
     from tests.helpers import toy_tokenizer
-    from train.config_loading import load_experiment
-    from train.t2i_parts import load_text_encoder
+    from train.config.loading import load_experiment
+    from train.t2i.parts import load_text_encoder
 
     save_tokenizer(toy_tokenizer(16), tmp_path / "tok")
     te = load_experiment([f"text_encoder.tokenizer={tmp_path / 'tok'}"]).text_encoder
@@ -111,3 +114,28 @@ def test_bf16_autocast_trains_like_fp32(tmp_path) -> None:
     assert losses["bf16"] != losses["fp32"]  # autocast did run in bf16
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert abs(a - b) < 0.05 * a
+
+
+def test_per_sample_seeds_stay_on_the_cpu() -> None:
+    from train.training.loop import to_device
+
+    batch = {"pixels": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "seeds": torch.tensor([5, 7]), "used": ["dsc", "txt"]}
+    moved = to_device(batch, torch.device("meta"))  # any device but the CPU
+    assert moved["pixels"].device.type == "meta"
+    assert moved["seeds"] is batch["seeds"] and moved["used"] == ["dsc", "txt"]
+
+
+def test_run_settings_give_the_schedule_and_the_fingerprint() -> None:
+    from train.config.execution import CheckpointConfig, LoggerConfig, ResumeConfig
+    from train.training.session import READER_TUNING_KEYS, RunSettings
+
+    snapshot = {"seed": 3, "data": {"train": "x", "reader": {"num_workers": 2, "strict": False}},
+                "logger": {"progress": False}}
+    settings = RunSettings(Path("run"), "train_vae", "toy", CheckpointConfig(every_steps=7), ResumeConfig(),
+                           LoggerConfig(progress=False, log_every_steps=3), snapshot, ("seed", "data.reader"),
+                           READER_TUNING_KEYS, nan_policy="skip", max_consecutive_skips=5)
+    assert settings.fingerprint == {"seed": 3, "data.reader.num_workers": 2}  # strict: reader tuning
+    schedule = settings.schedule(100, 2, 16)
+    assert (schedule.steps, schedule.accum, schedule.global_batch) == (100, 2, 16)
+    assert (schedule.checkpoint_every, schedule.log_every, schedule.show_progress) == (7, 3, False)
+    assert (schedule.nan_policy, schedule.max_consecutive_skips) == ("skip", 5)

@@ -74,7 +74,8 @@ def test_launch_dry_run_prints_the_torchrun_command_with_its_rendezvous_id(capsy
 
 
 def test_torchrun_needs_a_rendezvous_endpoint(capsys):
-    from train.cli import EXIT_USAGE, main
+    from train.commands.exit_codes import EXIT_USAGE
+    from train.cli import main
 
     assert main(["train-vae", "launcher=torchrun", "runtime=ddp", "launcher.rdzv_endpoint=null",
                  "train_vae.micro_batch_size=8"]) == EXIT_USAGE

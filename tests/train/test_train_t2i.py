@@ -144,7 +144,7 @@ def test_zero_matches_ddp(zero: str, inputs, ddp_run: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize("policy", ["fail", "skip"])
 def test_a_nan_loss_fails_or_skips_the_step(policy: str, inputs, tmp_path: Path, monkeypatch) -> None:
     stages = "[{resolution: 64, steps: 4, global_batch_size: 4, micro_batch_size: 2}]"
-    # One process: every rank decides from the loss averaged over ranks (train/loop.py), so a NaN on one
+    # One process: every rank decides from the loss averaged over ranks (train/training/loop.py), so a NaN on one
     # rank is a NaN on all; the 2-process case belongs to the fault-injection suite.
     args = _args(tmp_path, inputs, stages, f"train_t2i.nan_policy={policy}", "checkpoint.every_steps=2")
     run_dir = tmp_path / "toy" / "train_t2i"

@@ -1,4 +1,4 @@
-"""train/typed_config.py: building validated dataclasses from plain mappings."""
+"""train/config/typed.py: building validated dataclasses from plain mappings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from train.typed_config import ConfigError, build, did_you_mean, flatten, to_dict
+from train.config.typed import ConfigError, build, did_you_mean, flatten, to_dict
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What the captioner stages share: CoCa training, loading exported captioners."""

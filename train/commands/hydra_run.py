@@ -1,0 +1,166 @@
+"""From a `recap STAGE` command line to a running stage: argv split, the checks that run before a
+launch (overrides, batch vs world size, the stage's own `check`), the Hydra run, and sweep points
+as `recap` subprocesses (multirun.yaml redacted)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from train.commands.exit_codes import EXIT_DATA, EXIT_DIVERGED, EXIT_USAGE, fail
+from train.commands.stage_table import STAGES, Stage, hydra_job_name
+from train.config.typed import ConfigError
+
+_FLAGS_WITH_VALUE = {"--cfg", "-c"}
+_CFG_VALUES = ("job", "hydra", "all")
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+_FLAGS = MULTIRUN_FLAGS | {"--resolve"} | _FLAGS_WITH_VALUE
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides, hydra flags); rejects flags recap does not support."""
+    overrides, flags = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            if arg not in _FLAGS:
+                raise ConfigError("", f"unknown option '{arg}'; options: -m/--multirun, --cfg job|hydra|all, --resolve")
+            flags.append(arg)
+            if arg in _FLAGS_WITH_VALUE:
+                if i + 1 >= len(args) or args[i + 1] not in _CFG_VALUES:
+                    raise ConfigError("", f"{arg} needs a value: job, hydra or all")
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return overrides, flags
+
+
+def inside_launch() -> bool:
+    """True in a process that a launcher (torchrun, DeepSpeed's) started: run the stage, do not launch it."""
+    from launch.deepspeed_launch import inside_deepspeed_launcher
+    from launch.torchrun import inside_torchrun
+
+    return inside_torchrun() or inside_deepspeed_launcher()
+
+
+def _check_batch_for_world(stage: Stage, experiment: Any) -> None:
+    """The global batch must split evenly over the processes this launch will start."""
+    if stage.batch_section is None:
+        return
+    from train.config.training import check_batch
+    from train.runtime.environment import launched_world_size
+
+    if inside_launch():
+        world = launched_world_size()
+    else:  # every launcher starts nproc_per_node x nnodes processes (launcher=local: 1, validated)
+        world = experiment.launcher.nproc_per_node * experiment.launcher.nnodes
+    section = getattr(experiment, stage.batch_section)
+    try:
+        check_batch(section.global_batch_size, section.micro_batch_size, world)
+    except ConfigError as exc:
+        raise exc.under(stage.batch_section) from None
+
+
+def _redact_multirun_yaml() -> None:
+    """Hydra writes the raw overrides of a sweep to <sweep dir>/multirun.yaml before the first
+    job starts; mask any secret in it (a password in a shard URL, a token) in place."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from train.outputs.redaction import redact_text
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    path = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if not path.is_file():
+        return
+    text = path.read_text()
+    redacted = redact_text(text)
+    if redacted != text:  # atomically: under torchrun every rank of the job gets here
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(redacted)
+        os.replace(tmp, path)
+
+
+def _run_point(name: str, output_dir: str, prefix: Sequence[str] = ()) -> int:
+    """Run one sweep point as its own `recap [prefix] STAGE` process (exit code returned).
+
+    Each point gets a fresh interpreter: its own launcher (torchrun when configured), process
+    group, DeepSpeed engine and memory, and a failure that cannot take the others down. Under
+    `recap launch -m` the prefix is `launch`: each point is launched (one Slurm job) on its own.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    quoted_dir = output_dir.replace("\\", "\\\\").replace("'", "\\'")
+    return subprocess.call([sys.executable, "-m", "train.cli", *prefix, name, *overrides,
+                            f"hydra.run.dir='{quoted_dir}'"])
+
+
+def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: Sequence[str] = ()) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from data_pipeline.shard_io import DataError
+    from train.training.checkpoint_files import CheckpointError
+    from launch.supervise import EXIT_REQUEUE
+    from train.training.loop import NonFiniteLoss
+    from train.runtime.preemption import Preempted
+    from train.config.loading import PRIMARY_CONFIG, conf_dir, experiment_from_omegaconf
+
+    failures: list[tuple[int, int]] = []  # (job number, exit code) of failed sweep points
+
+    def task(cfg) -> None:  # one Hydra job: the run itself, or one point of a sweep
+        hydra_cfg = HydraConfig.get()
+        output_dir = hydra_cfg.runtime.output_dir
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            _redact_multirun_yaml()
+            code = _run_point(name, output_dir, point_prefix)
+            if code:
+                failures.append((hydra_cfg.job.num, code))
+            return
+        try:
+            experiment = experiment_from_omegaconf(cfg)
+            importlib.import_module(STAGES[name].module).run(experiment, Path(output_dir))
+        except ConfigError as exc:
+            sys.exit(fail(name, str(exc), EXIT_USAGE))
+        except (DataError, CheckpointError) as exc:
+            sys.exit(fail(name, str(exc), EXIT_DATA))
+        except NonFiniteLoss as exc:
+            sys.exit(fail(name, str(exc), EXIT_DIVERGED))
+        except Preempted as exc:
+            print(f"recap {name}: {exc}", file=sys.stderr)
+            sys.exit(EXIT_REQUEUE)
+
+    sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={hydra_job_name(name)}"]
+    hydra.main(config_path=str(conf_dir()), config_name=PRIMARY_CONFIG, version_base="1.3")(task)()
+    if failures:
+        points = ", ".join(f"#{num} (exit {code})" for num, code in failures)
+        return fail(name, f"{len(failures)} sweep point(s) failed: {points}; see their messages above", failures[0][1])
+    return 0
+
+
+def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
+    """(overrides, flags, config of the first point) after every check that runs before a launch."""
+    from train.config.loading import check_overrides, sweep_keys
+
+    overrides, flags = split_args(rest)
+    swept = sweep_keys(overrides)
+    if swept and not MULTIRUN_FLAGS & set(flags):
+        raise ConfigError(swept[0], "has several values (a sweep): add -m to run one job per value; for a "
+                          "single value that contains commas quote it (key='a,b'), for a list use key=[a,b]")
+    experiment = check_overrides(overrides)
+    _check_batch_for_world(STAGES[name], experiment)
+    if STAGES[name].precheck and not inside_launch() and not swept:  # sweep points check themselves
+        importlib.import_module(STAGES[name].module).check(experiment)
+    return overrides, flags, experiment

@@ -1,0 +1,100 @@
+"""The models' sections: the CoCa captioner, the T5 text encoder, the VAE, the UNet and the
+diffusion objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from train.config.typed import ConfigError
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """An open_clip CoCa. ``architecture`` is an open_clip model config (embed_dim, vision_cfg,
+    text_cfg, multimodal_cfg) used instead of open_clip's built-in ``model_name`` config."""
+
+    model_name: str
+    architecture: dict[str, Any] | None = None
+    pretrained: str | None = None  # local open_clip checkpoint file; null = random init
+
+
+@dataclass(frozen=True)
+class T5Architecture:
+    """A T5 encoder built from scratch (toy runs): transformers.T5Config fields."""
+
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_heads: int
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Frozen T5 encoder: ``pretrained`` HF folder (production) or a tiny ``architecture``."""
+
+    max_tokens: int
+    pretrained: str | None = None
+    architecture: T5Architecture | None = None
+    tokenizer: str | None = None  # HF tokenizer folder; null = the pretrained folder
+
+    def validate(self) -> None:
+        if (self.pretrained is None) == (self.architecture is None):
+            raise ConfigError("pretrained", "set exactly one of text_encoder.pretrained or text_encoder.architecture")
+        if self.max_tokens < 1:
+            raise ConfigError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """diffusers AutoencoderKL with 8x downsampling: a ``pretrained`` local folder or an
+    architecture trained by `recap train-vae` (toy)."""
+
+    pretrained: str | None = None
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    scaling_factor: float | None = None  # null: the pretrained folder's, or estimated by train-vae
+
+    def validate(self) -> None:
+        if len(self.block_out_channels) != 4:
+            raise ConfigError("block_out_channels", "needs 4 levels (3 downsamples = 8x), got "
+                              f"{len(self.block_out_channels)}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ConfigError("norm_num_groups", f"must divide every block_out_channels {self.block_out_channels}")
+
+
+@dataclass(frozen=True)
+class UnetConfig:
+    """diffusers UNet2DConditionModel with scale-shift timestep norm (see models/unet.py)."""
+
+    block_out_channels: list[int]
+    attention_levels: list[bool]
+    layers_per_block: int
+    attention_head_dim: int
+    xf_layers: int
+    xf_width: int
+    xf_heads: int
+
+    def validate(self) -> None:
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ConfigError("attention_levels", "needs one entry per block_out_channels level")
+        if self.xf_width % self.xf_heads:
+            raise ConfigError("xf_heads", f"must divide xf_width={self.xf_width}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and objective (diffusers scheduler names)."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    num_train_timesteps: int = 1000
+    min_snr_gamma: float | None = None
+    cfg_dropout: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ConfigError("cfg_dropout", f"must be in [0, 1), got {self.cfg_dropout}")

@@ -1,0 +1,107 @@
+"""Config sections every training stage shares: the optimizer, the steps and batch split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from train.config.typed import ConfigError
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then a constant or cosine schedule (per optimizer step)."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingStageConfig:
+    """What every training stage's section has: length, batch split, clipping, optimizer."""
+
+    steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    grad_clip: float | None = 1.0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        check_batch(self.global_batch_size, self.micro_batch_size)
+
+
+def check_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int:
+    """Gradient-accumulation steps for a global batch; ConfigError when it does not divide."""
+    if micro_batch < 1 or global_batch < 1:
+        raise ConfigError("global_batch_size", "global_batch_size and micro_batch_size must be >= 1")
+    per_step = world_size * micro_batch
+    if global_batch % per_step:
+        raise ConfigError(
+            "global_batch_size",
+            f"{global_batch} is not divisible by world_size ({world_size}) x micro_batch_size "
+            f"({micro_batch}) = {per_step}; set global_batch_size to a multiple of {per_step} "
+            "or change micro_batch_size",
+        )
+    return global_batch // per_step
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainVaeConfig(TrainingStageConfig):
+    """`recap train-vae`: reconstruction + KL on random crops of the training images."""
+
+    resolution: int
+    kl_weight: float = 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+        if self.resolution % 8:
+            raise ConfigError("resolution", f"must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainCaptionerConfig(TrainingStageConfig):
+    """`recap pretrain-captioner`: CoCaLoss (contrastive + captioning) on images and alt-text."""
+
+    caption_key: str = "txt"  # the text member trained on (the alt-text)
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.contrastive_weight < 0 or self.caption_weight <= 0:
+            raise ConfigError("caption_weight", "caption_weight must be > 0 and contrastive_weight >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneCaptionerConfig(TrainingStageConfig):
+    """`recap finetune-captioner style=ssc|dsc`: captioning loss only, on curated ground truth."""
+
+    style: Literal["ssc", "dsc"]
+    init_from: str  # an exported captioner directory, or an open_clip checkpoint of captioner.model_name
+    freeze_image_tower: bool = True
+    caption_weight: float = 1.0
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.caption_weight <= 0:
+            raise ConfigError("caption_weight", f"must be > 0, got {self.caption_weight}")

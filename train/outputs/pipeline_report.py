@@ -1,0 +1,114 @@
+"""report.md of a `recap pipeline` run, from what the stages left on disk.
+
+Sections: the stages with their status and time; caption examples (the same images with their
+alt-text, SSC and DSC, from recaption's output shards); the captioners' attribute scores
+(evaluate-captioner); the sample grids (train-t2i's last training grid, `recap sample`'s grid);
+the evaluation tables (`recap evaluate`'s evaluation.md). A section whose stage has not run says
+so. Image links are relative, so the report can be opened in place or copied with its folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.shard_io import decode_text, image_member, iter_raw_samples, list_shards, open_shard
+from train.outputs.markdown import cell
+
+CAPTION_KEYS = (("alt-text", "txt"), ("SSC", "ssc.txt"), ("DSC", "dsc.txt"))
+
+
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base)
+
+
+def _stage_table(steps: Sequence[Any], times: dict[str, Any]) -> list[str]:
+    lines = ["| stage | status | seconds | output |", "|---|---|---:|---|"]
+    total = 0.0
+    for step in steps:
+        entry = times.get(step.spec, {})
+        seconds = entry.get("seconds")
+        total += seconds or 0.0
+        lines.append(f"| `{step.spec}` | {entry.get('status', 'not run')} | "
+                     f"{'' if seconds is None else f'{seconds:.1f}'} | `{step.out_dir}` |")
+    lines.append(f"| **all** | | **{total:.1f}** | |")
+    return lines
+
+
+def _caption_examples(shards: str, count: int, report_dir: Path) -> list[str]:
+    """The first ``count`` recaptioned samples: image + alt-text, SSC and DSC side by side."""
+    try:
+        first = list_shards(shards)[0]
+    except (ValueError, IndexError):
+        return [f"_No recaptioned shards at `{shards}` yet (`recap recaption`)._"]
+    assets = report_dir / "report_assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    lines = ["| image | " + " | ".join(name for name, _ in CAPTION_KEYS) + " |", "|---|---|---|---|"]
+    with open_shard(first) as stream:
+        for sample in iter_raw_samples(stream):
+            if isinstance(sample, str) or sample.fault or len(lines) - 2 >= count:
+                break
+            image = image_member(sample.members)
+            if image is None:
+                continue
+            path = assets / f"{sample.key}.{image}"
+            path.write_bytes(sample.members[image])
+            texts = [cell(decode_text(sample.members[m])) if m in sample.members else "_(missing)_"
+                     for _, m in CAPTION_KEYS]
+            lines.append(f"| ![{sample.key}]({_rel(path, report_dir)}) | " + " | ".join(texts) + " |")
+    return lines
+
+
+def _captioner_scores(summary_path: Path) -> list[str]:
+    if not summary_path.is_file():
+        return ["_`recap evaluate-captioner` has not run._"]
+    summary = json.loads(summary_path.read_text())
+    sources = [k[: -len("_recall")] for k in summary if k.endswith("_recall")]
+    lines = [f"Attribute precision / recall of each caption source on {summary.get('samples')} held-out images "
+             "(and recall against another image's ground truth: what a caption gets without looking):", "",
+             "| source | precision | recall | recall vs other image |", "|---|---:|---:|---:|"]
+    lines += [f"| {s} | {summary.get(f'{s}_precision', float('nan')):.3f} | {summary[f'{s}_recall']:.3f} | "
+              f"{summary.get(f'{s}_recall_other_image', float('nan')):.3f} |" for s in sources]
+    return lines
+
+
+def _grids(experiment: Path, report_dir: Path) -> list[str]:
+    lines = []
+    training = sorted((experiment / "train_t2i" / "samples").glob("step_*.png"))
+    if training:
+        lines += [f"Training samples at {training[-1].stem.replace('_', ' ')} (DDIM, EMA weights):", "",
+                  f"![training samples]({_rel(training[-1], report_dir)})", ""]
+    grid = experiment / "sample" / "grid.png"
+    if grid.is_file():
+        prompts = [json.loads(line)["rewritten"] for line in (experiment / "sample" / "prompts.jsonl")
+                   .read_text().splitlines()]
+        lines += ["`recap sample` (prompts under each image):", "", f"![samples]({_rel(grid, report_dir)})", ""]
+        lines += [f"{i + 1}. {cell(p)}" for i, p in enumerate(prompts)]
+    return lines or ["_No samples yet (`recap train-t2i`, `recap sample`)._"]
+
+
+def _evaluation(experiment: Path) -> list[str]:
+    table = experiment / "evaluate" / "evaluation.md"
+    return [table.read_text().strip()] if table.is_file() else ["_`recap evaluate` has not run._"]
+
+
+def write_report(steps: Sequence[Any], times: dict[str, Any], report_dir: Path, *, run_name: str,
+                 experiment_dir: Path, recaptioned: str, examples: int) -> Path:
+    """Write ``report_dir``/report.md (``report_dir``: the experiment's directory ``experiment_dir``,
+    or a sweep point's, whose per-point stages live under it); ``recaptioned``: recaption's output
+    shards, whose first ``examples`` samples are shown. Returns the report's path."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {run_name}: the recipe end to end", "",
+             "Written by `recap pipeline` from the stages' outputs; rerun it to refresh.", "",
+             "## Stages", "", *_stage_table(steps, times), "",
+             "## Captions: alt-text vs SSC vs DSC", "",
+             *_caption_examples(recaptioned, examples, report_dir), "",
+             "## Captioners", "", *_captioner_scores(experiment_dir / "evaluate_captioner" / "summary.json"), "",
+             "## Samples", "", *_grids(report_dir, report_dir), "",
+             "## Evaluation", "", *_evaluation(report_dir), ""]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,125 @@
+"""Exactly-once shard jobs: the process side of `recap recaption` and `recap cache`.
+
+Such a job needs no process group. Each process (a torchrun rank or a Slurm array task;
+launch/ranks.py says which) takes every world_size-th input shard, skips those whose output is
+already done, and writes one output shard per input shard, named like its input, with the
+protocol of data_pipeline/recaption.py (temp name, rename, stats file last), so a killed job
+reruns to the same bytes. This module holds what both stages share: checking the input and
+output directories and the rank, this process's shards still to do, writing them with the
+stage's failpoints (``<stage>_batch=N`` / ``<stage>_shard=N``, train/runtime/failpoints.py),
+and the names a process writes. The stage keeps what it computes per batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_pipeline import recaption as shards
+from data_pipeline.shard_io import NoShardsError, is_local, list_shards, shard_name
+from launch.ranks import RankError, job_rank_and_world
+from train.config.typed import ConfigError
+from train.runtime.environment import is_node_console
+from train.runtime.failpoints import maybe_fail
+
+
+def output_name(url: str) -> str:
+    """The output shard's file name: the input's (``00042.tar``; a pipe: command's shard)."""
+    return shard_name(url).removeprefix("pipe:")
+
+
+def list_inputs(section: str, spec: str | Sequence[str], *, hint: str | None = None) -> list[str]:
+    """The input shard URLs of ``<section>.input``. None found is a ConfigError naming that key,
+    with ``hint`` (how to make them) appended."""
+    try:
+        return list_shards(spec)
+    except NoShardsError as exc:
+        raise ConfigError(f"{section}.input", f"{exc}. {hint}" if hint else str(exc)) from None
+
+
+def refuse_output_holding_inputs(section: str, urls: Sequence[str], output: str, *, note: str = "") -> None:
+    """A ConfigError on ``<section>.output`` when that directory holds local input shards
+    (outputs are named like their inputs); ``note`` is appended to the message."""
+    out = Path(output).resolve()
+    if any(is_local(u) and Path(u).resolve().parent == out for u in urls):
+        raise ConfigError(f"{section}.output", f"{output} holds the input shards; write to another directory{note}")
+
+
+def check_rank(section: str, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size) of this process (launch/ranks.py); bad settings are a ConfigError on
+    ``<section>.rank``."""
+    try:
+        return job_rank_and_world(rank, world_size)
+    except RankError as exc:
+        raise ConfigError(f"{section}.rank", str(exc)) from None
+
+
+def expected_samples(tasks: Sequence[shards.ShardTask]) -> int | None:
+    """Samples in the shards to do, from their img2dataset stats files (None when unknown)."""
+    counts = [shards.expected_samples(t.url) for t in tasks]
+    return sum(counts) if all(isinstance(c, int) for c in counts) else None  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """This process's part of a shard job.
+
+    ``stage`` names the job's log file, progress bar, failpoints and summary (it is also the
+    config section); ``stats_suffix`` names an output shard's done marker; ``console``: this
+    process owns its node's console (one per node under torchrun, every array task).
+    """
+
+    stage: str
+    rank: int
+    world: int
+    stats_suffix: str
+    console: bool
+
+    @property
+    def label(self) -> str:
+        """The progress bar's description: the stage, with the rank when there are several."""
+        return f"{self.stage} r{self.rank}" if self.world > 1 else self.stage
+
+    @property
+    def summary_file(self) -> str:
+        """``summary.json`` for a lone process, else one ``summary.rank<R>.json`` per rank."""
+        return "summary.json" if self.world == 1 else f"summary.rank{self.rank}.json"
+
+    def tasks(self, urls: Sequence[str], output: Path, *,
+              redo_failures: bool = False) -> tuple[list[shards.ShardTask], int]:
+        """This process's shards still to do, and how many of its shards were already done.
+
+        With ``redo_failures`` a done shard whose stats list failures is redone, keeping the
+        keys its output already holds (recaption's ``only_failures``).
+        """
+        todo, done = [], 0
+        for index in shards.assign_shards(len(urls), self.rank, self.world):
+            target = output / output_name(urls[index])
+            stats = shards.read_stats(target, self.stats_suffix)
+            if stats is None:
+                todo.append(shards.ShardTask(index, urls[index], target, stats_suffix=self.stats_suffix))
+            elif redo_failures and stats["failures"]:
+                todo.append(shards.ShardTask(index, urls[index], target, frozenset(shards.output_keys(target)), target,
+                                             stats_suffix=self.stats_suffix))
+            else:
+                done += 1
+        return todo, done
+
+    def write_all(self, loader: Any, process: Callable[[shards.ShardBatch], list[dict[str, bytes]]],
+                  extra: dict[str, Any], *, bar: Any, total_tasks: int) -> tuple[Counter, Counter]:
+        """Write every shard of ``loader``'s batches (data_pipeline.recaption.write_all) with this
+        stage's failpoints; returns (totals: shards, images, copied; failures by reason)."""
+        batch_point, shard_point = f"{self.stage}_batch", f"{self.stage}_shard"
+        return shards.write_all(loader, process, extra, bar=bar, total_tasks=total_tasks,
+                                on_batch=lambda n: maybe_fail(rank=self.rank, **{batch_point: n}),
+                                on_shard=lambda n: maybe_fail(rank=self.rank, **{shard_point: n}))
+
+
+def start_job(stage: str, rank: int | None, world_size: int | None, *, stats_suffix: str) -> ShardJob:
+    """This process's ShardJob: its rank and world size (``check_rank``) and whether it owns
+    its node's console."""
+    rank, world = check_rank(stage, rank, world_size)
+    return ShardJob(stage, rank, world, stats_suffix, console=is_node_console())

@@ -1,0 +1,115 @@
+"""`recap sweep-report`: one table and one plot over the points of a sweep (the paper's Figure 4).
+
+Reads: sweep_report (sweep, x). A sweep directory holds one folder per point (Hydra's job
+number), as `recap pipeline -m caption_mix.dsc=...` writes them: <point>/config.yaml (the point's
+redacted config, where the swept value is read) and <point>/evaluate/summary.json (or
+<point>/summary.json for a sweep of `recap evaluate` itself). Writes <run_dir>/sweep.md (a
+markdown table), sweep.json and sweep.png: CLIP score against alt-text and DSC references, and
+attribute accuracy, against the swept value. Points whose evaluation is missing are listed, not
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from train.config.experiment import ExperimentConfig
+from train.outputs.run_logging import finish_stage, setup_logging, write_config_snapshot
+from train.config.typed import ConfigError
+
+STAGE = "sweep-report"
+log = logging.getLogger("recap")
+PANELS = (("CLIP score", "clip_score"), ("attribute accuracy", "accuracy"))  # (axis title, key fragment)
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def collect(sweep: Path, x: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(points sorted by ``x``: {"point", x, metric: value ...}, point folders without an evaluation)."""
+    import yaml
+
+    points, missing = [], []
+    folders = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    for folder in folders:
+        config = folder / "config.yaml"
+        summary = next((s for s in (folder / "evaluate" / "summary.json", folder / "summary.json") if s.is_file()), None)
+        value = _lookup(yaml.safe_load(config.read_text()), x) if config.is_file() else None
+        if summary is None or value is None:
+            missing.append(folder.name)
+            continue
+        metrics = {k: v for k, v in json.loads(summary.read_text()).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        points.append({"point": int(folder.name), x: value, **metrics})
+    return sorted(points, key=lambda p: (p[x], p["point"])), missing
+
+
+def metric_columns(points: list[dict[str, Any]], x: str) -> list[str]:
+    """Metrics every point has (CLIP scores and accuracies first), in a stable order."""
+    common = set.intersection(*(set(p) for p in points)) - {"point", x}
+    key = lambda m: (not any(f in m for _, f in PANELS), m)  # noqa: E731
+    return sorted(common, key=key)
+
+
+def table(points: list[dict[str, Any]], x: str, columns: list[str]) -> str:
+    lines = [f"| {x} | " + " | ".join(columns) + " |", "|---:|" + "---:|" * len(columns)]
+    lines += [f"| {p[x]:g} | " + " | ".join(f"{p[c]:.4g}" for c in columns) + " |" for p in points]
+    return "\n".join(lines)
+
+
+def plot(points: list[dict[str, Any]], x: str, columns: list[str], path: Path) -> Path:
+    """One panel per metric family of PANELS that the points have; one line per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    panels = [(title, [c for c in columns if fragment in c]) for title, fragment in PANELS]
+    panels = [(title, cols) for title, cols in panels if cols] or [("metrics", columns)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    xs = [p[x] for p in points]
+    for ax, (title, cols) in zip(axes[0], panels):
+        for c in cols:
+            ax.plot(xs, [p[c] for p in points], marker="o", label=c)
+        ax.set_xlabel(x)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    r = cfg.sweep_report
+    sweep = Path(r.sweep)
+    if not sweep.is_dir():
+        raise ConfigError("sweep_report.sweep", f"{sweep} is not a directory; run a sweep first, e.g. "
+                          "`recap pipeline -m caption_mix.dsc=0.5,0.95`, and point sweep_report.sweep at its "
+                          "runs/<experiment>/sweeps/pipeline folder")
+    points, missing = collect(sweep, r.x)
+    if not points:
+        raise ConfigError("sweep_report.sweep", f"no point of {sweep} has both a config.yaml with {r.x} and an "
+                          f"evaluate summary (points without: {missing or 'none found'})")
+    setup_logging(run_dir, STAGE)
+    write_config_snapshot(run_dir, cfg)
+    columns = metric_columns(points, r.x)
+    markdown = table(points, r.x, columns)
+    (run_dir / "sweep.md").write_text(f"# Sweep over {r.x} ({sweep})\n\n{markdown}\n\n![sweep](sweep.png)\n"
+                                      + (f"\nPoints without an evaluation: {', '.join(missing)}\n" if missing else ""))
+    (run_dir / "sweep.json").write_text(json.dumps({"x": r.x, "points": points, "missing": missing}, indent=2) + "\n")
+    plot(points, r.x, columns, run_dir / "sweep.png")
+    log.info("sweep over %s, %d point(s):\n%s", r.x, len(points), markdown)
+    summary = {"points": len(points), "missing": missing, "x": r.x, "table": str(run_dir / "sweep.md"),
+               "plot": str(run_dir / "sweep.png")}
+    finish_stage(run_dir, STAGE, summary)
+    return summary

@@ -1,0 +1,156 @@
+"""`recap train-t2i`: stage 3 of the recipe, the T5-conditioned latent diffusion UNet.
+
+Reads: seed, train_t2i, caption_mix, text_encoder, unet, diffusion, data.reader, runtime,
+checkpoint, resume, logger. Writes <run_dir>/checkpoints/, metrics.jsonl, samples/*.png,
+summary.json and pipeline/ (diffusers folders: unet, vae, text_encoder, tokenizer, scheduler,
+caption_transformer; the EMA weights when train_t2i.ema_decay is set) and raw_weights/ (the live
+unet and caption_transformer beside an EMA export).
+
+The algorithm, as `run` reads: frozen T5 + VAE, the xf stage + UNet and their EMA, bucketed
+batches of recaptioned shards (one caption per sample from the caption mix), then for each
+progressive-resolution stage: switch buckets and batch size, and train (noise, predict, MSE,
+classifier-free-guidance dropout to the empty caption; train/t2i/objective.py) until the
+stage's last step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from models.denoiser import CaptionConditionedUNet
+from train.config.experiment import ExperimentConfig
+from train.config.t2i import SamplingConfig
+from train.outputs.run_logging import config_snapshot
+from train.runtime.environment import launched_world_size
+from train.runtime.processes import Runtime, seed_everything, start_runtime
+from train.t2i.batches import (
+    batches_summary, bucketed_batches, check_cache, enter_stage, mix_report, resolution_plan, stage_transforms,
+)
+from train.t2i.export import export_raw_weights, export_trained, sample_grid, trained_weights
+from train.t2i.objective import Objective
+from train.t2i.parts import FrozenEncoders, build_denoiser, load_frozen
+from train.t2i.resolution_schedule import ResolutionPlan
+from train.training.checkpointing import TrainState
+from train.training.ema import EmaWeights
+from train.training.loop import Parts, train_steps
+from train.training.optimization import build_optimizer, build_staged_scheduler
+from train.training.session import READER_TUNING_KEYS, RunSettings, open_session, start_logs
+
+STAGE = "train_t2i"
+log = logging.getLogger("recap")
+# Keys that change what this stage computes: a resume with any of them changed is refused.
+RESUME_KEYS = ("seed", "train_t2i", "caption_mix", "text_encoder", "unet", "diffusion", "data.reader",
+               "runtime.kind", "runtime.zero_stage", "runtime.precision")
+RESUME_IGNORE = ("train_t2i.sampling", "train_t2i.nan_policy", "train_t2i.max_consecutive_skips", *READER_TUNING_KEYS)
+
+
+def check(cfg: ExperimentConfig) -> None:
+    """Before launch: the stages and their batches split over the processes the launcher starts,
+    and a cache (when given) that holds every stage's resolution and every caption key drawn."""
+    launcher, t = cfg.launcher, cfg.train_t2i
+    resolution_plan(t, launcher.nproc_per_node * launcher.nnodes)  # launcher=local: 1 (LauncherConfig.validate)
+    if t.cache is not None:
+        check_cache(t.cache, [s.resolution for s in t.stages], cfg.caption_mix.weights)
+
+
+def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Train (resuming from run_dir/checkpoints if present), sample, export the pipeline; `check`
+    validated the stages and the cache before launch."""
+    t = cfg.train_t2i
+    plan = resolution_plan(t, launched_world_size())  # stages, their lrs and gradient accumulation
+    rt = start_runtime(cfg.runtime, micro_batch_size=plan[0].stage.micro_batch_size, grad_accum=plan[0].accum,
+                       grad_clip=t.grad_clip)
+    settings = RunSettings(run_dir, STAGE, cfg.run.name, cfg.checkpoint, cfg.resume, cfg.logger, config_snapshot(cfg),
+                           RESUME_KEYS, RESUME_IGNORE, nan_policy=t.nan_policy,
+                           max_consecutive_skips=t.max_consecutive_skips)
+    start_logs(settings, rt)
+
+    frozen = load_frozen(cfg.text_encoder, t.vae, cfg.seed).to(rt.device)  # tokenizer, T5, VAE
+    build = partial(build_denoiser, cfg.unet, text_dim=frozen.text_dim, latent_channels=frozen.latent_channels)
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    denoiser = build()  # xf + UNet
+    if t.gradient_checkpointing:
+        denoiser.unet.enable_gradient_checkpointing()
+    ema = EmaWeights(denoiser, t.ema_decay, rt.device) if t.ema_decay is not None else None
+    optimizer = build_optimizer(denoiser.parameters(), t.optimizer)
+    scheduler = build_staged_scheduler(optimizer, t.optimizer, plan.lengths, plan.lrs)
+    model, optimizer = rt.prepare(denoiser, optimizer)
+    seed_everything(cfg.seed, rt.rank)  # per-rank noise and timesteps
+    transforms = stage_transforms(t, cfg.caption_mix, frozen.tokenizer, cfg.text_encoder.max_tokens)
+    batches = bucketed_batches(t, cfg.data.reader, cfg.seed, rt, transforms, plan[0].stage)
+    parts, resumed = open_session(settings, rt, model=model, optimizer=optimizer, scheduler=scheduler,
+                                  reader=batches, ema=ema)
+    objective = Objective(cfg.diffusion, frozen, rt.device)
+    _log_start(denoiser, rt, plan)
+
+    weights = partial(trained_weights, rt, model, ema.module if ema else None, build)  # collective without EMA
+    grids = _Grids(t.sampling, run_dir / "samples", frozen, objective.noise.config, plan)
+    after_step = partial(_after_step, parts=parts, ema=ema, weights=weights, grids=grids)
+    results = []
+    for planned in plan.remaining(parts.state.step):  # e.g. 256 -> 512 -> 1024 px
+        enter_stage(planned, batches, transforms, parts)
+        schedule = settings.schedule(planned.end, planned.accum, planned.stage.global_batch_size)
+        results.append(train_steps(parts, schedule, objective, desc=f"{STAGE} {planned.stage.resolution}px",
+                                   after_step=after_step, report=partial(mix_report, rt, batches)))
+
+    final = weights()
+    raw = trained_weights(rt, model, None, build) if ema else None  # the live weights beside EMA (collective)
+    grid = grids.write(parts, final)
+    if rt.is_main:
+        export_trained(run_dir / "pipeline", weights=final, frozen=frozen, noise=objective.noise)
+        export_raw_weights(run_dir / "raw_weights", raw)
+    rt.barrier()
+    return parts.finish({**(results[-1] if results else {"steps": parts.state.step}), "resumed": resumed,
+                         "processes": rt.world_size, "runtime": rt.name, "stages": plan.labels(),
+                         "img_per_s_by_stage": [r["img_per_s"] for r in results], **batches_summary(rt, batches),
+                         "samples": str(grid) if grid else None, "export": str(run_dir / "pipeline")})
+
+
+def _log_start(denoiser: CaptionConditionedUNet, rt: Runtime, plan: ResolutionPlan) -> None:
+    trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+    log.info("%s: %d trainable parameters (xf + UNet), %d process(es), %s, %s; stages %s", STAGE, trainable,
+             rt.world_size, rt.device, rt.precision, " -> ".join(plan.labels()))
+
+
+@dataclass(frozen=True)
+class _Grids:
+    """Sample grids of train_t2i.sampling's prompts at the current stage's resolution, written by
+    the main rank to ``folder``/step_NNNNNNN.png and logged as images."""
+
+    sampling: SamplingConfig
+    folder: Path
+    frozen: FrozenEncoders
+    noise_config: Any  # the training noise schedule's config (the DDIM sampler's)
+    plan: ResolutionPlan
+
+    def due(self, step: int) -> bool:
+        """Whether train_t2i.sampling.every_steps asks for a grid after ``step``."""
+        every = self.sampling.every_steps
+        return bool(every) and step % every == 0
+
+    def write(self, parts: Parts, weights: CaptionConditionedUNet | None) -> Path | None:
+        """The grid of ``weights`` (None off the main rank) at the run's current step."""
+        s, step = self.sampling, parts.state.step
+        if not s.prompts or not parts.runtime.is_main:
+            return None
+        path = self.folder / f"step_{step:07d}.png"
+        sample_grid(path, weights=weights, frozen=self.frozen, prompts=s.prompts,
+                    resolution=self.plan.resolution_after(step), steps=s.steps, guidance_scale=s.guidance_scale,
+                    seed=s.seed, noise_config=self.noise_config)
+        parts.metrics.image(step, "samples", path, caption=" | ".join(s.prompts))
+        return path
+
+
+def _after_step(state: TrainState, *, parts: Parts, ema: EmaWeights | None,
+                weights: Callable[[], CaptionConditionedUNet | None], grids: _Grids) -> None:
+    """After each applied optimizer step: the EMA update, then a sample grid when one is due
+    (gathering the weights is a collective without EMA: every rank takes part)."""
+    if ema:
+        ema.step(parts.model.parameters(), state)
+    if grids.due(state.step):
+        grids.write(parts, weights())

@@ -1,0 +1,1 @@
+"""What every training stage drives, engine-agnostic: the loop, run sessions, optimizers, checkpoints, EMA."""
