@@ -53,6 +53,9 @@ class ToyDataOptions:
         samples_per_shard: scenes per shard.
         curated_fraction: fraction of samples marked ``curated`` (the only ground truth that
             captioner fine-tuning may read).
+        world: which toy world to draw (``data_pipeline.toy_scenes.WORLDS``): ``shapes`` (the
+            demo's: 1-3 solid shapes on a 3x3 grid, small images) or ``full`` (1-4 shapes anywhere,
+            textures, seven aspect ratios, up to 512 px; with words when text_probability > 0).
         text_probability: probability that a scene has a written word.
         seed: generation seed; sample i of the dataset depends only on (seed, split, i).
         jpeg_quality: JPEG quality of the written images (1-95).
@@ -63,12 +66,17 @@ class ToyDataOptions:
     heldout_shards: int = 2
     samples_per_shard: int = 128
     curated_fraction: float = 0.05
-    text_probability: float = 0.4
+    world: str = "shapes"
+    text_probability: float = 0.0
     seed: int = 1234
     jpeg_quality: int = 90
     processes: int = 2
 
     def validate(self) -> None:
+        from data_pipeline.toy_scenes import WORLDS  # options stay importable without PIL
+
+        if self.world not in WORLDS:
+            raise ValueError(f"world must be one of {sorted(WORLDS)}, got {self.world!r}")
         for name in ("train_shards", "heldout_shards", "samples_per_shard", "processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from data_pipeline.toy_scenes import COLOURS, SHAPES, Scene, SceneObject
+from data_pipeline.toy_scenes import COLOURS, SHAPES, WORLDS, Scene, SceneObject, World
 
 ALT_TEXT_PHRASES: tuple[str, ...] = (
     "buy now", "free shipping on all orders", "wall art print", "click to enlarge",
@@ -67,9 +67,10 @@ def _position_phrase(position: str, rng: np.random.Generator) -> str:
     return _pick(rng, _POSITION_FORMS[kind]).format(p=position)
 
 
-def _object_phrase(obj: SceneObject, rng: np.random.Generator) -> str:
-    """Noun phrase with size, colour, texture ("solid" optional) and shape, with article."""
-    texture = [obj.texture] if obj.texture != "solid" or rng.random() < 0.3 else []
+def _object_phrase(obj: SceneObject, rng: np.random.Generator, textured: bool = True) -> str:
+    """Noun phrase with size, colour, texture ("solid" optional; none in an untextured world) and
+    shape, with article."""
+    texture = [obj.texture] if textured and (obj.texture != "solid" or rng.random() < 0.3) else []
     if rng.random() < 0.5:
         words = [obj.size, obj.colour, *texture, obj.shape]
     else:
@@ -94,28 +95,32 @@ def _groups(objects: tuple[SceneObject, ...]) -> str:
                   for (c, s), k in counts.items()])
 
 
-def _object_sentence(obj: SceneObject, rng: np.random.Generator) -> str:
+def _object_sentence(obj: SceneObject, rng: np.random.Generator, textured: bool = True) -> str:
     """One sentence about one object, with the clause order chosen by ``rng``."""
-    noun, where = _object_phrase(obj, rng), _position_phrase(obj.position, rng)
+    noun, where = _object_phrase(obj, rng, textured), _position_phrase(obj.position, rng)
     if rng.random() < 0.5:
         verb = _pick(rng, ["sits", "is placed", "appears", "can be seen"])
         return _capitalise(f"{noun} {verb} {where}.")
     return _capitalise(f"{where}, there is {noun}.")
 
 
-def descriptive_caption(scene: Scene, rng: np.random.Generator) -> str:
+def descriptive_caption(scene: Scene, rng: np.random.Generator, world: World = WORLDS["full"]) -> str:
     """Ground-truth descriptive caption (DSC) covering every object, the background and word.
 
-    One of five sentence structures is drawn from ``rng``; object order, position and
-    texture phrasing and the placement of the word sentence vary too.
+    One of five sentence structures is drawn from ``rng``; position and texture phrasing and
+    the placement of the word sentence vary too. Objects are named in a random order, or, in a
+    grid world, in the scene's order (main subject first, the way a describer starts with what
+    stands out); texture words only where the world has textures.
     """
-    objs = [scene.objects[i] for i in rng.permutation(len(scene.objects))]
+    textured = len(world.textures) > 1
+    order = range(len(scene.objects)) if world.grid else rng.permutation(len(scene.objects))
+    objs = [scene.objects[i] for i in order]
     n = len(objs)
     count = f"{NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'}"
     be = "is" if n == 1 else "are"
     bg = _with_article(scene.background) + " " + _pick(rng, ["background", "backdrop"])
-    listed = _join([f"{_object_phrase(o, rng)} {_position_phrase(o.position, rng)}" for o in objs])
-    details = [_object_sentence(o, rng) for o in objs]
+    listed = _join([f"{_object_phrase(o, rng, textured)} {_position_phrase(o.position, rng)}" for o in objs])
+    details = [_object_sentence(o, rng, textured) for o in objs]
     style = int(rng.integers(5))
     if style == 0:
         parts = [_capitalise(f"{count} on {bg}: {listed}.")]
@@ -126,7 +131,7 @@ def descriptive_caption(scene: Scene, rng: np.random.Generator) -> str:
     elif style == 3:
         parts = [_capitalise(f"{bg} with {count}: {_groups(tuple(objs))}.")]
         for o in objs:
-            tex = f" and {o.texture}" if o.texture != "solid" or rng.random() < 0.3 else ""
+            tex = f" and {o.texture}" if textured and (o.texture != "solid" or rng.random() < 0.3) else ""
             parts.append(f"The {o.colour} {o.shape} {_position_phrase(o.position, rng)} "
                          f"is {o.size}{tex}.")
     else:

@@ -2,9 +2,17 @@
 
 Captions of these scenes (alt-text, SSC, DSC) live in data_pipeline/toy_captions.py.
 
-Each scene is 1-4 coloured shapes on a pale/neutral background, optionally with one
-written word. Because the ground truth is known exactly, captioner output can be
-scored attribute by attribute. This module is pure: no file IO, no config, no torch;
+Each scene is coloured shapes on a pale/neutral background, optionally with one written word.
+Because the ground truth is known exactly, captioner output can be scored attribute by
+attribute. Two worlds (``WORLDS``) share the vocabulary and the renderer:
+
+- ``shapes`` (the demo's): 1-3 solid shapes, one per cell of a 3x3 grid, in square or 4:3
+  images (long side 96-160 px). The main subject (the largest object) is unambiguous: every
+  other object is of a smaller size class, so a scene whose main subject is small has one
+  object. Objects are listed main subject first. Small enough for minutes of CPU training.
+- ``full``: 1-4 shapes anywhere (rejection-sampled), striped and dotted textures, seven aspect
+  ratios with the long side 128-512 px, written words when ``text_probability`` > 0. The harder
+  preset (``data.toy.world=full``). This module is pure: no file IO, no config, no torch;
 everything random derives only from the ``numpy.random.Generator`` passed in.
 
 Caption vocabulary is exactly the constant names below (colour names are the
@@ -67,11 +75,41 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (16, 9), (
                                               (2, 1), (1, 2))  # width:height
 
 _SIZE_FRACTIONS: dict[str, float] = {"small": 0.20, "medium": 0.32, "large": 0.45}
+# Grid layout: the object's side as a fraction of its cell's short side (jitter as above).
+_CELL_FRACTIONS: dict[str, float] = {"small": 0.55, "medium": 0.75, "large": 0.95}
 _SIZE_JITTER = 0.03  # +- fraction of the short side; classes stay >= 0.06 apart
 _GAP = 4  # minimum pixel gap between any two boxes (objects and text)
 _PLACEMENT_TRIES = 50
 _TEXT_CONTRAST = 2.2  # minimum WCAG contrast ratio of the word against its background
 _WHITE = np.array([255, 255, 255], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class World:
+    """What a toy world samples.
+
+    Attributes:
+        max_objects: objects per scene are 1..max_objects.
+        textures: the textures objects are drawn with (``("solid",)``: no texture words).
+        aspect_ratios: width:height pairs images are drawn in.
+        long_side: (min, max) pixels of the image's long side, in steps of 16.
+        grid: True: one object per 3x3 grid cell, smaller size classes than the main subject
+            for every other object, main subject first; False: free rejection-sampled
+            placement in random order, any sizes.
+    """
+
+    max_objects: int
+    textures: tuple[str, ...]
+    aspect_ratios: tuple[tuple[int, int], ...]
+    long_side: tuple[int, int]
+    grid: bool
+
+
+WORLDS: dict[str, World] = {
+    "shapes": World(max_objects=3, textures=("solid",), aspect_ratios=((1, 1), (4, 3), (3, 4)),
+                    long_side=(96, 160), grid=True),
+    "full": World(max_objects=4, textures=TEXTURES, aspect_ratios=ASPECT_RATIOS, long_side=(128, 512), grid=False),
+}
 
 
 @dataclass(frozen=True)
@@ -148,10 +186,11 @@ def _ink(word: str, size: int) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------- sampling
 
 
-def _image_size(rng: np.random.Generator) -> tuple[int, int]:
-    """Sample (width, height) in pixels: long side 128..512 step 16, short side step 8."""
-    a, b = ASPECT_RATIOS[rng.integers(len(ASPECT_RATIOS))]
-    long = 16 * int(rng.integers(8, 33))
+def _image_size(rng: np.random.Generator, world: World) -> tuple[int, int]:
+    """Sample (width, height) in pixels: long side in ``world.long_side`` step 16, short side step 8."""
+    a, b = world.aspect_ratios[rng.integers(len(world.aspect_ratios))]
+    lo, hi = world.long_side
+    long = 16 * int(rng.integers(lo // 16, hi // 16 + 1))
     short = max(64, round(long * min(a, b) / max(a, b) / 8) * 8)
     return (long, short) if a >= b else (short, long)
 
@@ -170,15 +209,16 @@ def _place(rng: np.random.Generator, image_wh: tuple[int, int], wh: tuple[int, i
     return None
 
 
-def _sample_objects(rng: np.random.Generator, width: int, height: int) -> tuple[SceneObject, ...]:
-    """Sample 1-4 non-overlapping objects by rejection sampling (unplaceable ones dropped)."""
+def _sample_objects(rng: np.random.Generator, width: int, height: int, world: World) -> tuple[SceneObject, ...]:
+    """Sample 1-``world.max_objects`` non-overlapping objects by rejection sampling (unplaceable
+    ones dropped)."""
     short = min(width, height)
     placed: list[SceneObject] = []
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, world.max_objects + 1))):
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         size = SIZES[rng.integers(len(SIZES))]
-        texture = TEXTURES[rng.integers(len(TEXTURES))]
+        texture = world.textures[rng.integers(len(world.textures))]
         frac = _SIZE_FRACTIONS[size] + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
         side = max(8, round(frac * short))
         box = _place(rng, (width, height), (side, side), [o.box for o in placed])
@@ -186,6 +226,30 @@ def _sample_objects(rng: np.random.Generator, width: int, height: int) -> tuple[
             pos = grid_position(box, width, height)
             placed.append(SceneObject(shape, colour, size, texture, pos, box))
     return tuple(placed)
+
+
+def _sample_grid_objects(rng: np.random.Generator, width: int, height: int,
+                         world: World) -> tuple[SceneObject, ...]:
+    """The grid layout: the main subject, then objects of strictly smaller size classes, each in
+    its own 3x3 cell with its centre jittered within the cell. A small main subject is alone."""
+    main_size = int(rng.integers(len(SIZES)))
+    count = 1 if main_size == 0 else int(rng.integers(1, world.max_objects + 1))
+    sizes = [main_size, *(int(rng.integers(main_size)) for _ in range(count - 1))]
+    cells = rng.permutation(len(POSITIONS))[:count]
+    cell_w, cell_h = width / 3, height / 3
+    objects = []
+    for size, cell in zip(sizes, cells):
+        frac = _CELL_FRACTIONS[SIZES[size]] + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
+        side = max(8, round(frac * min(cell_w, cell_h)))
+        row, col = divmod(int(cell), 3)
+        slack_x, slack_y = max(0.0, cell_w - side), max(0.0, cell_h - side)
+        x0 = int(col * cell_w + slack_x * rng.uniform(0.1, 0.9))
+        y0 = int(row * cell_h + slack_y * rng.uniform(0.1, 0.9))
+        box = (x0, y0, x0 + side, y0 + side)
+        objects.append(SceneObject(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
+                                   SIZES[size], world.textures[rng.integers(len(world.textures))],
+                                   grid_position(box, width, height), box))
+    return tuple(objects)
 
 
 def _sample_text(rng: np.random.Generator, width: int, height: int, background: str,
@@ -203,11 +267,12 @@ def _sample_text(rng: np.random.Generator, width: int, height: int, background: 
     return None
 
 
-def sample_scene(rng: np.random.Generator, *, text_probability: float = 0.4) -> Scene:
-    """Sample a random scene; a word is attempted with probability ``text_probability``."""
-    width, height = _image_size(rng)
+def sample_scene(rng: np.random.Generator, *, text_probability: float = 0.4, world: World = WORLDS["full"]) -> Scene:
+    """Sample a random scene of ``world``; a word is attempted with probability ``text_probability``."""
+    width, height = _image_size(rng, world)
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    objects = _sample_objects(rng, width, height)
+    sample_objects = _sample_grid_objects if world.grid else _sample_objects
+    objects = sample_objects(rng, width, height, world)
     text = None
     if rng.random() < text_probability:
         text = _sample_text(rng, width, height, background, objects)

@@ -26,7 +26,7 @@ import numpy as np
 from data_pipeline.options import ToyDataOptions
 from data_pipeline.shard_io import AtomicShardWriter, write_json_atomic
 from data_pipeline.toy_captions import alt_text, descriptive_caption, short_caption
-from data_pipeline.toy_scenes import ASPECT_RATIOS, render_scene, sample_scene, scene_ground_truth
+from data_pipeline.toy_scenes import ASPECT_RATIOS, WORLDS, render_scene, sample_scene, scene_ground_truth
 
 SPLITS = {"train": 0, "heldout": 1}
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard names 00000.tar ...
@@ -42,7 +42,8 @@ def compute_key(index: int, shard_id: int, samples_per_shard: int) -> str:
 def make_sample(seed: int, split: str, index: int, shard_id: int, options: ToyDataOptions) -> tuple[str, dict[str, bytes], dict[str, Any]]:
     """One toy sample: (key, tar members, metadata). Deterministic in (seed, split, index)."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    scene = sample_scene(rng, text_probability=options.text_probability)
+    world = WORLDS[options.world]
+    scene = sample_scene(rng, text_probability=options.text_probability, world=world)
     buf = io.BytesIO()
     render_scene(scene).save(buf, format="JPEG", quality=options.jpeg_quality)
     jpg = buf.getvalue()
@@ -61,7 +62,7 @@ def make_sample(seed: int, split: str, index: int, shard_id: int, options: ToyDa
         "exif": None,
         "sha256": hashlib.sha256(jpg).hexdigest(),
         "gt_ssc": short_caption(scene),
-        "gt_dsc": descriptive_caption(scene, rng),
+        "gt_dsc": descriptive_caption(scene, rng, world),
         "curated": bool(rng.random() < options.curated_fraction),
         **scene_ground_truth(scene),
     }

@@ -20,7 +20,8 @@ from data_pipeline.options import ToyDataOptions
 from data_pipeline.toy_shards import write_toy_dataset
 
 # 8 train shards of 16: enough for 2 ranks x 2 workers (4 streams) with two shards each.
-SMALL_TOY = ToyDataOptions(train_shards=8, heldout_shards=2, samples_per_shard=16, seed=7, processes=2)
+SMALL_TOY = ToyDataOptions(train_shards=8, heldout_shards=2, samples_per_shard=16, seed=7, processes=2,
+                           world="full", text_probability=0.4)
 
 
 @pytest.fixture(scope="session")

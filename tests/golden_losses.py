@@ -46,7 +46,8 @@ def run_all(root: Path) -> dict[str, list[float]]:
     from tests.helpers import run_stage, t2i_inputs
 
     data = root / "toy_data"
-    options = ToyDataOptions(train_shards=2, heldout_shards=1, samples_per_shard=32, seed=11, processes=1)
+    options = ToyDataOptions(train_shards=2, heldout_shards=1, samples_per_shard=32, seed=11, processes=1,
+                             world="full", text_probability=0.4)
     write_toy_dataset({"train": data / "train", "heldout": data / "heldout"}, options, progress=False)
     common = [f"run.root={root / 'runs'}", f"data.train={data}/train", f"data.heldout={data}/heldout", "seed=3",
               *_QUIET]

@@ -15,7 +15,7 @@ from dp_testlib import raw_metadata
 # 4 train shards of 8: enough for 2 ranks x 2 workers (4 streams); curated_fraction high enough
 # that a few of 32 samples are curated.
 DP_TOY = ToyDataOptions(train_shards=4, heldout_shards=1, samples_per_shard=8, curated_fraction=0.25,
-                        text_probability=0.4, seed=7, jpeg_quality=80, processes=1)
+                        world="full", text_probability=0.4, seed=7, jpeg_quality=80, processes=1)
 
 
 @dataclass(frozen=True)

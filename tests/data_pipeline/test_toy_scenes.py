@@ -14,7 +14,7 @@ from data_pipeline.toy_captions import (
     ALT_TEXT_PHRASES, NUMBER_WORDS, alt_text, descriptive_caption, main_subject, plural, short_caption,
 )
 from data_pipeline.toy_scenes import (
-    ASPECT_RATIOS, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, WORDS, Scene, SceneObject,
+    ASPECT_RATIOS, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, WORDS, WORLDS, Scene, SceneObject,
     WrittenText, background_array, render_scene, sample_scene, scene_ground_truth, shape_mask, text_colours,
 )
 
@@ -406,3 +406,63 @@ def test_written_text_dataclass_fields() -> None:
     assert dataclasses.astuple(t) == ("apple", "red", (1, 2, 3, 4))
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.word = "pear"  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------ the shapes world (the demo's)
+
+
+@pytest.fixture(scope="module")
+def shape_scenes() -> list[Scene]:
+    rng = np.random.default_rng(2024)
+    return [sample_scene(rng, text_probability=0.0, world=WORLDS["shapes"]) for _ in range(N_SCENES)]
+
+
+def test_shapes_world_keeps_the_issue_minimums(shape_scenes: list[Scene]) -> None:
+    """>= 6 shapes, >= 8 colours, 3 sizes, >= 5 positions, several backgrounds, 1-3 objects, all
+    occurring; only solid textures and no words."""
+    objects = [o for s in shape_scenes for o in s.objects]
+    assert {o.shape for o in objects} == set(SHAPES) and len(SHAPES) >= 6
+    assert {o.colour for o in objects} == set(COLOURS) and len(COLOURS) >= 8
+    assert {o.size for o in objects} == set(SIZES)
+    assert {o.position for o in objects} == set(POSITIONS)
+    assert {s.background for s in shape_scenes} == set(BACKGROUNDS)
+    counts = Counter(len(s.objects) for s in shape_scenes)
+    assert set(counts) == {1, 2, 3} and min(counts.values()) > 0.15 * N_SCENES, counts
+    assert {o.texture for o in objects} == {"solid"} and all(s.text is None for s in shape_scenes)
+
+
+def test_shapes_world_main_subject_is_first_and_of_the_largest_size_class(shape_scenes: list[Scene]) -> None:
+    rank = {z: i for i, z in enumerate(SIZES)}
+    for s in shape_scenes:
+        main, *others = s.objects
+        assert main_subject(s) is main
+        assert all(rank[o.size] < rank[main.size] for o in others)
+        assert not (main.size == "small" and others)  # a small main subject is alone
+        assert len({o.position for o in s.objects}) == len(s.objects)  # one object per grid cell
+        side = min(s.width, s.height) / 3
+        for o in s.objects:
+            x0, y0, x1, y1 = o.box
+            assert x1 - x0 == y1 - y0 and 0 <= x0 < x1 <= s.width and 0 <= y0 < y1 <= s.height
+            row, col = divmod(POSITIONS.index(o.position), 3)
+            assert col * s.width / 3 - 1 <= x0 and x1 <= (col + 1) * s.width / 3 + 1  # inside its cell (1 px rounding)
+            assert row * s.height / 3 - 1 <= y0 and y1 <= (row + 1) * s.height / 3 + 1
+            assert abs((x1 - x0) / side - {"small": 0.55, "medium": 0.75, "large": 0.95}[o.size]) <= 0.03 + 1 / side
+
+
+def test_shapes_world_images_are_small_and_near_square(shape_scenes: list[Scene]) -> None:
+    assert {_closest_ratio(s) for s in shape_scenes} == {(1, 1), (4, 3), (3, 4)}
+    assert {max(s.width, s.height) for s in shape_scenes} == set(range(96, 161, 16))
+
+
+def test_shapes_world_dsc_names_the_main_subject_first_and_no_textures(shape_scenes: list[Scene]) -> None:
+    rng = np.random.default_rng(5)
+    world = WORLDS["shapes"]
+    for s in shape_scenes[:300]:
+        dsc = descriptive_caption(s, rng, world).lower()
+        assert not any(mentions(dsc, t) for t in TEXTURES)
+        main = s.objects[0]
+        first_shape = min((dsc.find(f" {x}") for o in s.objects for x in (o.shape, plural(o.shape))
+                           if f" {x}" in dsc), default=-1)
+        assert dsc[first_shape:].lstrip().startswith(main.shape), dsc
+        assert shapes_in(dsc) == {o.shape for o in s.objects} and colours_in(dsc) == {o.colour for o in s.objects}
+        assert set(POSITION_RE.findall(dsc)) == {o.position for o in s.objects}

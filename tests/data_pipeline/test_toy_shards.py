@@ -14,7 +14,7 @@ from data_pipeline.toy_shards import DATASET_MARKER, aspect_name, make_sample, w
 from dp_testlib import raw_metadata, read_members
 
 TINY = ToyDataOptions(train_shards=2, heldout_shards=1, samples_per_shard=4, curated_fraction=0.25, seed=3,
-                      processes=1)
+                      processes=1, world="full", text_probability=0.4)
 
 
 def write(root: Path, options: ToyDataOptions, splits: tuple[str, ...] = ("train", "heldout")) -> dict:
@@ -60,7 +60,7 @@ def test_summary_counts_are_exact(dp_toy) -> None:
 
 def test_curated_fraction_is_roughly_right(tmp_path: Path) -> None:
     options = ToyDataOptions(train_shards=1, heldout_shards=1, samples_per_shard=200, curated_fraction=0.25,
-                             seed=11, processes=1)
+                             seed=11, processes=1, world="full", text_probability=0.4)
     summary = write(tmp_path, options, splits=("train",))
     meta = raw_metadata(tmp_path / "train")
     curated = sum(m["curated"] for m in meta.values())
@@ -134,7 +134,7 @@ def test_every_written_sample_is_make_sample(dp_toy) -> None:
 def test_toy_options_validate() -> None:
     ToyDataOptions().validate()
     for bad, field in ((dict(train_shards=0), "train_shards"), (dict(samples_per_shard=0), "samples_per_shard"),
-                       (dict(processes=0), "processes"), (dict(curated_fraction=1.1), "curated_fraction"),
+                       (dict(processes=0), "processes"), (dict(world="cubes"), "world"), (dict(curated_fraction=1.1), "curated_fraction"),
                        (dict(text_probability=-0.1), "text_probability"), (dict(jpeg_quality=96), "jpeg_quality")):
         with pytest.raises(ValueError, match=field):
             ToyDataOptions(**bad).validate()

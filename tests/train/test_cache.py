@@ -37,7 +37,8 @@ def dp_toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_pipeline.toy_shards import write_toy_dataset
 
     root = tmp_path_factory.mktemp("cache_toy")
-    options = ToyDataOptions(train_shards=2, heldout_shards=1, samples_per_shard=12, seed=3, processes=1)
+    options = ToyDataOptions(train_shards=2, heldout_shards=1, samples_per_shard=12, seed=3, processes=1,
+                             world="full", text_probability=0.4)
     write_toy_dataset({"train": root / "train", "heldout": root / "heldout"}, options, progress=False)
     return root / "train"
 

@@ -113,7 +113,7 @@ def test_train_eval_clip_trains_measures_and_exports_both_judges(judges, toy_dat
     probe = load_probe(run_dir / "probe")
     targets = {name: torch.tensor([probe_targets(m)[name] for _, _, m in test]) for name in ATTRIBUTES}
     accuracy = binding_accuracy(predict(probe, _pixels([im for im, _, _ in test], 32)), targets)
-    majority = binding_accuracy({n: torch.full((16,), probe.spec.majority[n]) for n in ATTRIBUTES}, targets)
+    majority = binding_accuracy({n: torch.full((16,), probe.spec.majority[n]) for n in probe.spec.attributes}, targets)
     assert trust["probe"]["accuracy"] == pytest.approx({k: round(v, 4) for k, v in accuracy.items()}, abs=1e-4)
     assert trust["probe"]["majority_baseline"] == pytest.approx({k: round(v, 4) for k, v in majority.items()}, abs=1e-4)
     assert json.loads((run_dir / "probe" / "judge_accuracy.json").read_text())["probe"] == trust["probe"]
@@ -137,7 +137,9 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
     assert set(r) == {"generated_from_alt_text", "generated_from_dsc", "real", "majority_class"}
     assert set(r["generated_from_alt_text"]) == {"clip_score_alt_text"}
     assert set(r["generated_from_dsc"]) == {"clip_score_dsc", "clip_score_other_dsc", "attributes"}
-    assert set(r["real"]["attributes"]) == {*ATTRIBUTES, "mean"}
+    probe = load_probe(root / "toy" / "train_eval_clip" / "probe")
+    assert set(r["real"]["attributes"]) == {*probe.spec.attributes, "mean"}
+    assert {"colour", "shape", "size", "position", "count"} <= set(probe.spec.attributes)
 
     # The real-image row, recomputed from the exported judges over the same 16 images (order-free means).
     test = _shard(toy_data / "heldout" / "00001.tar")
@@ -149,11 +151,11 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
         for key, texts in (("alt_text", [alt for _, alt, _ in test]), ("dsc", [m["gt_dsc"] for _, _, m in test])):
             expected = pair_scores(images, model.encode_text(tokenize_references(tokenizer, texts, 77))).mean().item()
             assert r["real"][f"clip_score_{key}"] == pytest.approx(expected, abs=2e-3), key
-    probe = load_probe(root / "toy" / "train_eval_clip" / "probe")
     targets = {name: torch.tensor([probe_targets(m)[name] for _, _, m in test]) for name in ATTRIBUTES}
     assert r["real"]["attributes"] == pytest.approx(binding_accuracy(predict(probe, real), targets), abs=1e-4)
     assert r["majority_class"]["attributes"] == pytest.approx(
-        binding_accuracy({n: torch.full((16,), probe.spec.majority[n]) for n in ATTRIBUTES}, targets), abs=1e-4)
+        binding_accuracy({n: torch.full((16,), probe.spec.majority[n]) for n in probe.spec.attributes}, targets),
+        abs=1e-4)
     assert ev["judges"]["clip"]["clip"]["retrieval_candidates"] == 8 and ev["judges"]["probe"]["samples"] == 16
 
     # The markdown table shows the JSON's numbers, one row per image set.
@@ -162,7 +164,8 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
     assert (f"| generated | alt-text | {r['generated_from_alt_text']['clip_score_alt_text']:.2f} | – | – | – |"
             in table)
     assert (f"| generated | DSC | – | {gen_dsc['clip_score_dsc']:.2f} | {gen_dsc['clip_score_other_dsc']:.2f} | "
-            + " | ".join(f"{gen_dsc['attributes'][k]:.3f}" for k in (*ATTRIBUTES, "mean")) + " |") in table
+            + " | ".join(f"{gen_dsc['attributes'][k]:.3f}" for k in (*probe.spec.attributes, "mean"))
+            + " |") in table
     real_row = f"| real (ceiling) | – | {r['real']['clip_score_alt_text']:.2f} | {r['real']['clip_score_dsc']:.2f} |"
     assert real_row in table
     assert "| majority class (floor) | – | – | – | – |" in table

@@ -96,7 +96,8 @@ def test_bf16_autocast_trains_like_fp32(tmp_path) -> None:
     from models.vae import build_vae
     from tests.helpers import logged_losses, run_stage, toy_tokenizer
 
-    options = ToyDataOptions(train_shards=1, heldout_shards=1, samples_per_shard=8, seed=2, processes=1)
+    options = ToyDataOptions(train_shards=1, heldout_shards=1, samples_per_shard=8, seed=2, processes=1,
+                             world="full", text_probability=0.4)
     write_toy_dataset({"train": tmp_path / "train", "heldout": tmp_path / "heldout"}, options, progress=False)
     shards = write_ground_truth_captions(tmp_path / "train", tmp_path / "captioned")
     save_tokenizer(toy_tokenizer(16), tmp_path / "tok")

@@ -15,15 +15,18 @@ from train.config.typed import ConfigError
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """The attribute probe's CNN (models/attribute_probe.py): input side in pixels and the width
-    of each stride-2 block."""
+    """The attribute probe's CNN (models/attribute_probe.py): input side in pixels, the width of a
+    full-resolution stem conv (0: none) and of each stride-2 block."""
 
     image_size: int = 64  # input side in pixels (images are squashed to it)
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])  # width of each stride-2 conv block
+    stem: int = 24  # width of a stride-1 conv before the blocks (0: none)
 
     def validate(self) -> None:
         if self.image_size < 8 or not self.channels or min(self.channels) < 1:
             raise ConfigError("image_size", "image_size must be >= 8 and channels a non-empty list of widths >= 1")
+        if self.stem < 0:
+            raise ConfigError("stem", f"must be >= 0 (0: no stem), got {self.stem}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,9 +15,9 @@ _LABELS = {"generated_from_alt_text": ("generated", "alt-text"), "generated_from
 def markdown_report(evaluation: dict[str, Any]) -> str:
     """evaluation.json as a markdown table (one row per image set) and a line on each judge."""
     results = evaluation["results"]
-    with_attributes = "attributes" in results["real"]
+    attributes = judged_attributes(results["real"].get("attributes", {}))
     head = ["images", "prompted with", "CLIP vs alt-text", "CLIP vs DSC", "CLIP vs other DSC"]
-    head += [*ATTRIBUTES, "attributes (mean)"] if with_attributes else []
+    head += [*attributes, "attributes (mean)"] if attributes else []
     lines = [f"# Evaluation: {evaluation['samples']} held-out samples, {evaluation['size']} px", "",
              f"Generator `{evaluation['generator']['pipeline']}` ({evaluation['generator']['weights']} weights, "
              f"{evaluation['generator']['scheduler']} x {evaluation['generator']['steps']}, guidance "
@@ -30,11 +30,17 @@ def markdown_report(evaluation: dict[str, Any]) -> str:
         r = results[row]
         cells = [*_LABELS[row], cell(r.get("clip_score_alt_text"), 2), cell(r.get("clip_score_dsc"), 2),
                  cell(r.get("clip_score_other_dsc"), 2)]
-        if with_attributes:
-            cells += [cell(r.get("attributes", {}).get(k), 3) for k in (*ATTRIBUTES, "mean")]
+        if attributes:
+            cells += [cell(r.get("attributes", {}).get(k), 3) for k in (*attributes, "mean")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *judge_lines(evaluation["judges"])]
     return "\n".join(lines) + "\n"
+
+
+def judged_attributes(scores: dict[str, float]) -> list[str]:
+    """The probe attributes present in ``scores``, in ``ATTRIBUTES`` order (a probe has heads only
+    for what varies in its world)."""
+    return [name for name in ATTRIBUTES if name in scores]
 
 
 def judge_lines(judges: dict[str, Any]) -> list[str]:
@@ -50,6 +56,7 @@ def judge_lines(judges: dict[str, Any]) -> list[str]:
                    f"{c['clip_score_matched']:.1f} vs mismatched {c['clip_score_mismatched']:.1f}.")
     if probe is not None:
         p = probe["probe"]
-        scores = ", ".join(f"{k} {p['accuracy'][k]:.3f} ({p['majority_baseline'][k]:.3f})" for k in ATTRIBUTES)
+        scores = ", ".join(f"{k} {p['accuracy'][k]:.3f} ({p['majority_baseline'][k]:.3f})"
+                           for k in judged_attributes(p["accuracy"]))
         out.append(f"Judge probe on {probe['samples']} real held-out images: accuracy (majority class) {scores}.")
     return out

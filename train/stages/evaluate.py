@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from models.attribute_probe import ATTRIBUTES, AttributeProbe, binding_accuracy, load_probe, predict
+from models.attribute_probe import AttributeProbe, binding_accuracy, load_probe, predict
 from models.clip_score import pair_scores
 from train.config.experiment import ExperimentConfig
 from train.config.typed import ConfigError
@@ -74,7 +74,7 @@ def judge_images(judge: ClipJudge, probe: AttributeProbe | None, images: torch.T
     if probe is not None and targets is not None:
         device = next(probe.parameters()).device
         chunks = [predict(probe, images[i: i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
-        predicted = {name: torch.cat([c[name] for c in chunks]) for name in ATTRIBUTES}
+        predicted = {name: torch.cat([c[name] for c in chunks]) for name in probe.spec.attributes}
         out["attributes"] = {k: round(v, 4) for k, v in binding_accuracy(predicted, targets).items()}
     return out
 
@@ -91,7 +91,8 @@ def score_all(judge: ClipJudge, probe: AttributeProbe | None, data: Prompted, dr
         "real": judge_images(judge, probe, data.pixels.float() / 255, both, data.targets, batch_size),
     }
     if probe is not None and data.targets is not None:
-        majority = {name: torch.full_like(t, probe.spec.majority[name]) for name, t in data.targets.items()}
+        majority = {name: torch.full_like(data.targets[name], probe.spec.majority[name])
+                    for name in probe.spec.attributes}
         results["majority_class"] = {"attributes": {k: round(v, 4)
                                                     for k, v in binding_accuracy(majority, data.targets).items()}}
     return results

@@ -39,6 +39,7 @@ from data_pipeline.options import ReaderOptions, ToyDataOptions
 from data_pipeline.toy_shards import make_sample
 from models.attribute_probe import (
     ATTRIBUTES, CLASSES, AttributeProbe, ProbeSpec, binding_accuracy, majority_classes, predict, probe_loss, save_probe,
+    varying_attributes,
 )
 from models.clip_score import pair_scores, retrieval_top1, score_matrix, to_clip_input, tokenize_references
 from train.config.evaluation import TrainEvalClipConfig
@@ -153,8 +154,8 @@ def measure_judges(clip: open_clip.CLIP, probe: AttributeProbe, data: JudgeData,
     n = min(candidates, len(data))
     groups = [retrieval_top1(score_matrix(images[i: i + n], texts[i: i + n])) for i in range(0, len(data) - n + 1, n)]
     chunks = [predict(probe, data.probe_pixels[i: i + 64].to(device).float() / 255) for i in range(0, len(data), 64)]
-    predicted = {name: torch.cat([c[name] for c in chunks]) for name in ATTRIBUTES}
-    majority = {name: torch.full_like(t, probe.spec.majority[name]) for name, t in data.targets.items()}
+    predicted = {name: torch.cat([c[name] for c in chunks]) for name in probe.spec.attributes}
+    majority = {name: torch.full_like(data.targets[name], probe.spec.majority[name]) for name in probe.spec.attributes}
     return {
         "samples": len(data),
         "clip": {
@@ -167,6 +168,17 @@ def measure_judges(clip: open_clip.CLIP, probe: AttributeProbe, data: JudgeData,
         "probe": {"accuracy": _rounded(binding_accuracy(predicted, data.targets)),
                   "majority_baseline": _rounded(binding_accuracy(majority, data.targets))},
     }
+
+
+def probe_spec(tc: TrainEvalClipConfig, targets: dict[str, torch.Tensor]) -> ProbeSpec:
+    """The probe's architecture, with heads for the attributes that vary in the training ``targets``."""
+    attributes = varying_attributes(targets)
+    if not attributes:
+        raise ConfigError(f"{STAGE}.train", "every training scene has the same attributes: nothing for the probe to learn")
+    return ProbeSpec(image_size=tc.probe.image_size, channels=tuple(tc.probe.channels), stem=tc.probe.stem,
+                     attributes=attributes,
+                     classes={name: CLASSES[name] for name in attributes},
+                     majority=majority_classes({name: targets[name] for name in attributes}))
 
 
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
@@ -211,8 +223,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     device, _ = inference_placement(cfg.runtime)  # fp32 (as before): bf16 only where measured
     seed_everything(cfg.seed)
     clip = build_clip(tc.clip, f"{STAGE}.clip").to(device)
-    probe = AttributeProbe(ProbeSpec(image_size=tc.probe.image_size, channels=tuple(tc.probe.channels),
-                                     classes=CLASSES, majority=majority_classes(train.targets))).to(device)
+    probe = AttributeProbe(probe_spec(tc, train.targets)).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
     train_tokens = tokenize_references(tokenizer, train.captions, clip.context_length)  # (N, context)
     test_tokens = tokenize_references(tokenizer, test.captions, clip.context_length)
