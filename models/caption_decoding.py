@@ -10,8 +10,12 @@ batch. The model's own modules and weights are used, so greedy decoding reproduc
   tokens gets EOT without asking the model.
 - min_length: EOT is forbidden while the sequence (SOT included) is shorter (HF MinLength).
 - repetition_penalty: HF semantics over every token so far, SOT included.
-- A generated pad id ends a row like EOT. open_clip's loop stops a row on pad, and pad is id 0,
-  which is also the real token "!": "!" can never appear inside a caption. Kept for identity.
+- A generated pad id ends a row like EOT. open_clip's loop stops a row on pad, and with
+  open_clip's BPE pad is id 0, which is also the real token "!": "!" can never appear inside a
+  caption. Kept for identity.
+- sot/eot/pad ids default to open_clip's BPE (49406, 49407, 0); a captioner with a fitted
+  tokenizer needs its own (``CaptionerTokenizer.generation_ids()``, models/captioner_tokenizer.py):
+  ids outside the model's vocabulary are refused.
 
 Pure: no IO; runs under ``torch.inference_mode`` on the model's device and dtype.
 """
@@ -337,13 +341,17 @@ def generate_tokens(model: nn.Module, images: torch.Tensor, options: DecodingOpt
             Decoded in eval mode; its training flag is restored afterwards.
         images: (B, 3, H, W) preprocessed, on the model's device and in its dtype.
         options: see ``DecodingOptions``; ``max_length`` must fit both towers' context length.
-        pad_id: a generated pad ends a caption as in open_clip (the text tower's own pad mask
-            uses ``model.text.pad_id``).
+        sot_id / eot_id / pad_id: the tokenizer's (default: open_clip's BPE). A generated pad ends
+            a caption as in open_clip (the text tower's own pad mask uses ``model.text.pad_id``).
     Returns:
         B lists of ints, each at most ``max_length - 2`` long.
     """
     options.validate()
     text, decoder = _check_supported(model)
+    vocab_size = decoder.text_projection.shape[1]
+    if max(sot_id, eot_id, pad_id) >= vocab_size:
+        raise ValueError(f"token ids sot={sot_id}, eot={eot_id}, pad={pad_id} are outside the model's "
+                         f"{vocab_size}-token vocabulary: pass its tokenizer's (CaptionerTokenizer.generation_ids())")
     limit = min(text.context_length, decoder.context_length)
     if options.max_length > limit:
         raise ValueError(f"DecodingOptions.max_length={options.max_length} exceeds the model's context length "
@@ -365,6 +373,7 @@ def generate_tokens(model: nn.Module, images: torch.Tensor, options: DecodingOpt
 
 
 def decode_text(token_ids: list[int], tokenizer) -> str:
-    """Caption text from ids with open_clip's ``SimpleTokenizer``; special tokens and edge spaces removed."""
+    """Caption text from ids with the captioner's tokenizer (a ``CaptionerTokenizer``, or open_clip's
+    ``SimpleTokenizer``); special tokens and edge spaces removed."""
     special = set(tokenizer.all_special_ids)
     return tokenizer.decode([token for token in token_ids if token not in special]).strip()

@@ -11,7 +11,8 @@ adds what the recipe needs around it:
   The text tower still sees the full context, so the appended CLS token (the contrastive text
   embedding) sits where open_clip puts it;
 - export to what open_clip loads: a weights file for `create_model_and_transforms(name,
-  pretrained=file)` and an `open_clip_config.json` for `local-dir:` loading.
+  pretrained=file)` and an `open_clip_config.json` for `local-dir:` loading, with the fitted
+  tokenizer's files beside them when the captioner has one (models/captioner_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import open_clip
 import torch
 from safetensors.torch import load_model, save_model
 
-SOT_ID, EOT_ID, PAD_ID = 49406, 49407, 0  # open_clip SimpleTokenizer; pad 0 is also the token "!"
+from models.captioner_tokenizer import (OPEN_CLIP_IDS, OPEN_CLIP_VOCAB_SIZE, CaptionerTokenizer, model_tokenizer,
+                                        open_clip_tokenizer)
+
+SOT_ID, EOT_ID, PAD_ID = OPEN_CLIP_IDS.sot, OPEN_CLIP_IDS.eot, OPEN_CLIP_IDS.pad  # open_clip's BPE; pad 0 is also "!"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
 # Keys of open_clip model configs that create_model consumes rather than the CoCa constructor.
@@ -41,6 +45,19 @@ def coca_config(model_name: str, architecture: dict[str, Any] | None) -> dict[st
         coca = [m for m in open_clip.list_models() if m.startswith("coca")]
         raise ValueError(f"'{model_name}' is not an open_clip CoCa config; built-in CoCa configs: {coca}")
     return config
+
+
+def with_vocab_size(architecture: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """A copy of the open_clip model config ``architecture`` whose text tower and decoder have
+    ``vocab_size`` tokens (the tokenizer's). ValueError if it already names another size."""
+    out = dict(architecture)
+    for tower in ("text_cfg", "multimodal_cfg"):
+        named = out.get(tower, {}).get("vocab_size", vocab_size)
+        if named != vocab_size:
+            raise ValueError(f"{tower}.vocab_size={named} but the tokenizer has {vocab_size} tokens; make them equal "
+                             "(or leave vocab_size out of the architecture)")
+        out[tower] = {**out.get(tower, {}), "vocab_size": vocab_size}
+    return out
 
 
 def build_captioner(model_name: str, architecture: dict[str, Any] | None = None,
@@ -107,26 +124,31 @@ class SplitImageTransform:
         return (self.size, tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
 
 
-def tokenizer(model: open_clip.CoCa) -> Any:
-    """open_clip's BPE tokenizer (its vocabulary ships with open_clip) at the model's context."""
-    return open_clip.tokenizer.SimpleTokenizer(context_length=model.text.context_length)
+def tokenizer(model: open_clip.CoCa) -> CaptionerTokenizer:
+    """open_clip's BPE tokenizer (its vocabulary ships with open_clip) at the model's context.
+    A captioner with a fitted tokenizer has a smaller vocabulary: ValueError (`load_exported_tokenizer`)."""
+    if model.text.vocab_size != OPEN_CLIP_VOCAB_SIZE:
+        raise ValueError(f"this captioner has {model.text.vocab_size} tokens, not open_clip's {OPEN_CLIP_VOCAB_SIZE}: "
+                         "its tokenizer is the fitted one in its exported folder (load_exported_tokenizer)")
+    return open_clip_tokenizer(model.text.context_length)
 
 
 class CaptionerTraining(torch.nn.Module):
     """CoCa + CoCaLoss as one forward (DDP and DeepSpeed only see calls to forward)."""
 
-    def __init__(self, coca: open_clip.CoCa, loss: open_clip.CoCaLoss) -> None:
+    def __init__(self, coca: open_clip.CoCa, loss: open_clip.CoCaLoss, eot_id: int = EOT_ID) -> None:
+        """eot_id: the tokenizer's end-of-text id (open_clip's BPE: 49407; a fitted tokenizer's: 2)."""
         super().__init__()
-        self.coca, self.loss = coca, loss
+        self.coca, self.loss, self.eot_id = coca, loss, eot_id
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images: (B, 3, S, S) preprocessed; texts: (B, context) token ids (SOT ... EOT, pad 0).
+        """images: (B, 3, S, S) preprocessed; texts: (B, context) token ids (SOT ... EOT, then pad).
 
         Returns {"loss", "contrastive", "caption"} (weighted, as CoCaLoss computes them).
         """
         image_latent, image_embs = self.coca._encode_image(images)  # (B, D), (B, N, W)
         text_latent, token_embs = self.coca._encode_text(texts)  # (B, D), (B, context, W)
-        length = int((texts == EOT_ID).int().argmax(dim=1).max()) + 1  # SOT .. EOT of the longest caption
+        length = int((texts == self.eot_id).int().argmax(dim=1).max()) + 1  # SOT .. EOT of the longest caption
         logits = self.coca.text_decoder(image_embs, token_embs[:, : length - 1])  # (B, length-1, vocab)
         contrastive, caption = self.loss(image_latent, text_latent, logits, texts[:, 1:length],
                                          self.coca.logit_scale.exp())
@@ -157,23 +179,41 @@ class CaptionLoss(open_clip.CoCaLoss):
         return contrastive, caption
 
 
-def caption_loss(*, contrastive_weight: float, caption_weight: float, rank: int = 0,
+def caption_loss(*, contrastive_weight: float, caption_weight: float, pad_id: int = PAD_ID, rank: int = 0,
                  world_size: int = 1) -> open_clip.CoCaLoss:
-    """CoCaLoss (see CaptionLoss); with several ranks the contrastive part gathers features from all."""
+    """CoCaLoss (see CaptionLoss); labels equal to ``pad_id`` count for nothing; with several ranks
+    the contrastive part gathers features from all."""
     return CaptionLoss(caption_loss_weight=caption_weight, clip_loss_weight=contrastive_weight,
-                       pad_id=PAD_ID, rank=rank, world_size=world_size)
+                       pad_id=pad_id, rank=rank, world_size=world_size)
 
 
-def export_captioner(model: open_clip.CoCa, config: dict[str, Any], out_dir: Path, model_name: str) -> Path:
+def export_captioner(model: open_clip.CoCa, config: dict[str, Any], out_dir: Path, model_name: str,
+                     tokenizer: CaptionerTokenizer | None = None) -> Path:
     """Write ``out_dir`` loadable by open_clip in both ways:
 
     - ``open_clip.create_model_and_transforms(model_name, pretrained=out_dir/WEIGHTS_FILE)`` for
       a built-in name, or after ``open_clip.add_model_config(out_dir/<model_name>.json)``;
     - ``open_clip.create_model_and_transforms("local-dir:" + str(out_dir))``.
+
+    ``tokenizer`` None or open_clip's BPE: ``open_clip.get_tokenizer`` gives open_clip's BPE. A
+    fitted one is saved into ``out_dir`` and ``text_cfg.hf_tokenizer_name`` names the folder:
+    ``get_tokenizer("local-dir:D")`` reads the tokenizer from D itself whatever the name says (so
+    the folder can move), ``get_tokenizer(model_name)`` after add_model_config from the path,
+    absolute as the folder was when exported (as a hub export names its own repository).
     """
+    text_cfg = dict(config["text_cfg"])
+    fitted = tokenizer is not None and tokenizer.fitted
+    if tokenizer is not None:
+        tokenizer.check_model(model)
+    if text_cfg.get("hf_tokenizer_name") and not fitted:
+        raise ValueError("the config names a fitted tokenizer (text_cfg.hf_tokenizer_name): export it with the "
+                         "captioner")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if fitted:
+        tokenizer.save(out_dir)
+        text_cfg["hf_tokenizer_name"] = str(out_dir.resolve())
     save_model(model, str(out_dir / WEIGHTS_FILE))
-    model_cfg = {**config, "custom_text": True}
+    model_cfg = {**config, "text_cfg": text_cfg, "custom_text": True}
     preprocess = {"size": model.visual.image_size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
                   "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "squash"}
     (out_dir / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
@@ -187,3 +227,9 @@ def load_exported(out_dir: Path) -> open_clip.CoCa:
     model = open_clip.CoCa(**{k: v for k, v in config.items() if k not in _FACTORY_KEYS})
     load_model(model, str(out_dir / WEIGHTS_FILE))
     return model.eval()
+
+
+def load_exported_tokenizer(out_dir: Path) -> CaptionerTokenizer:
+    """An exported captioner's tokenizer: the fitted one saved in ``out_dir``, or open_clip's BPE;
+    the same as ``open_clip.get_tokenizer("local-dir:" + str(out_dir))`` gives."""
+    return model_tokenizer(json.loads((out_dir / CONFIG_FILE).read_text())["model_cfg"], out_dir)

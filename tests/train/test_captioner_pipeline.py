@@ -7,14 +7,19 @@ caption quality (that is the toy experiment's job; see docs/captioner.md for mea
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
+from data_pipeline.caption_tokenizer import train_captioner_tokenizer
 from tests.helpers import logged_losses, run_recap, run_stage
+from train.config.loading import load_experiment
+from train.config.typed import ConfigError
 from train.training import checkpoint_files as files
 
 pytestmark = pytest.mark.slow
@@ -132,3 +137,91 @@ def test_captioner_under_deepspeed_zero(toy_data: Path, tmp_path: Path) -> None:
     assert tuned.keys() == base.keys() and base["logit_scale"].shape == tuned["logit_scale"].shape == ()
     assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("visual."))
     assert any(not torch.equal(tuned[k], base[k]) for k in base if k.startswith("text_decoder."))
+
+
+def _fit_corpus(shards: Path) -> list[str]:
+    """What pretrain-captioner may fit its tokenizer on: every alt-text, and the ground-truth
+    captions of curated samples only (read straight from the tars)."""
+    texts = []
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".txt"):
+                    texts.append(tar.extractfile(member).read().decode())
+                elif member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    texts += [meta["gt_ssc"], meta["gt_dsc"]] if meta.get("curated") is True else []
+    return [t for t in texts if t.strip()]
+
+
+def test_captioner_stages_with_a_fitted_tokenizer(toy_data: Path, tmp_path: Path) -> None:
+    """captioner.fitted_vocab_size: pretrain fits the tokenizer on alt-text + curated ground truth
+    (not the rest of the ground truth), the towers get its size, and fine-tuning, caption,
+    evaluate-captioner and recaption read it from the exported folders."""
+    root = tmp_path / "runs"
+    common = [*_common(root, toy_data), "captioner=coca_tiny_small_vocab", "captioner.fitted_vocab_size=300"]
+    summary = run_stage("pretrain_captioner", [*common, "pretrain_captioner.steps=2",
+                                               "pretrain_captioner.global_batch_size=8",
+                                               "pretrain_captioner.micro_batch_size=4"])
+    pretrain = root / "toy" / "pretrain_captioner"
+    assert summary["vocab_size"] == 300 and summary["steps"] == 2
+    assert sorted(p.name for p in (pretrain / "captioner").iterdir()) == [
+        "coca_toy.json", "open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    expected = train_captioner_tokenizer(_fit_corpus(toy_data / "train"), vocab_size=300, max_tokens=76)
+    fitted = Tokenizer.from_file(str(pretrain / "captioner" / "tokenizer.json")).to_str()
+    assert fitted == expected.backend_tokenizer.to_str()
+    assert Tokenizer.from_file(str(pretrain / "tokenizer" / "tokenizer.json")).to_str() == fitted
+    weights = load_file(pretrain / "captioner" / "open_clip_model.safetensors")
+    assert weights["text.token_embedding.weight"].shape[0] == weights["text_decoder.text_projection"].shape[1] == 300
+    records = [json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(0 < r["caption"] < 2 * 7.0 for r in records)  # ~2 ln(300)
+
+    run_stage("finetune_captioner", ["style=dsc", *common, "finetune_captioner.steps=2",
+                                     "finetune_captioner.global_batch_size=4", "finetune_captioner.micro_batch_size=4"])
+    dsc = root / "toy" / "finetune_captioner" / "dsc" / "captioner"
+    model_cfg = json.loads((dsc / "open_clip_config.json").read_text())["model_cfg"]
+    assert model_cfg["text_cfg"]["hf_tokenizer_name"] == str(dsc.resolve())
+    assert Tokenizer.from_file(str(dsc / "tokenizer.json")).to_str() == fitted
+
+    jsonl = tmp_path / "captions.jsonl"
+    _ok(["caption", *common, f"caption.captioner={dsc}", f"caption.input={toy_data}/heldout",
+         f"caption.output={jsonl}", "caption.limit=4", "caption.decoding.max_length=12"])
+    captions = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(captions) == 4 and all(0 <= c["tokens"] <= 10 and isinstance(c["caption"], str) for c in captions)
+
+    report = run_stage("evaluate_captioner", [*common, "~evaluate_captioner.captioners.ssc",
+                                              f"evaluate_captioner.captioners.dsc={dsc}",
+                                              "evaluate_captioner.samples=8", "evaluate_captioner.batch_size=4",
+                                              "evaluate_captioner.decoding.max_length=12"])
+    assert report["samples"] == 8 and 0.0 <= report["dsc_recall"] <= 1.0
+    out = tmp_path / "recaptioned"
+    recaption = run_stage("recaption", [*common, f"recaption.input={toy_data}/train", f"recaption.output={out}",
+                                        f"recaption.captioners.dsc={dsc}", "recaption.keys=[dsc]",
+                                        "recaption.batch_size=16", "recaption.decoding.max_length=10"])
+    assert recaption["images_captioned"] == 128 and recaption["failures"] == 0
+
+
+def test_fitted_vocabulary_config_is_checked(toy_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_experiment(["captioner=coca_tiny_small_vocab", "captioner.pretrained=/models/coca.safetensors"])
+    assert info.value.key == "captioner.fitted_vocab_size" and "without pretrained weights" in info.value.message
+    with pytest.raises(ConfigError) as info:  # coca_tiny keeps open_clip's 49408 in its architecture
+        load_experiment(["captioner.fitted_vocab_size=512"])
+    assert info.value.key == "captioner.architecture.text_cfg.vocab_size"
+    assert "is 49408 but the tokenizer has 512 tokens" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        load_experiment(["captioner=coca_tiny_small_vocab", "captioner.fitted_vocab_size=64"])
+    assert "must be >= 73" in info.value.message
+    small = load_experiment(["captioner=coca_tiny_small_vocab", "captioner.fitted_vocab_size=1024"]).captioner
+    assert small.architecture["text_cfg"]["vocab_size"] == small.architecture["multimodal_cfg"]["vocab_size"] == 1024
+    tiny = load_experiment(["captioner=coca_tiny"]).captioner  # the same toy CoCa but for the vocabulary
+    for tower in ("text_cfg", "multimodal_cfg"):
+        small.architecture[tower]["vocab_size"] = tiny.architecture[tower]["vocab_size"]
+    assert small.architecture == tiny.architecture and small.pretrained == tiny.pretrained is None
+    checkpoint = tmp_path / "coca.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ConfigError) as info:
+        run_stage("finetune_captioner", [*_common(tmp_path, toy_data), "captioner=coca_tiny_small_vocab",
+                                         f"finetune_captioner.init_from={checkpoint}"])
+    assert info.value.key == "finetune_captioner.init_from" and "exported folder" in info.value.message

@@ -57,7 +57,7 @@ def test_conf_dir_is_the_repository_conf():
 
 def test_config_groups_lists_every_yaml():
     assert GROUPS == {
-        "captioner": ["coca_tiny", "coca_vit_b32", "coca_vit_l14"],
+        "captioner": ["coca_tiny", "coca_tiny_small_vocab", "coca_vit_b32", "coca_vit_l14"],
         "data": ["img2dataset", "toy"],
         "diffusion": ["eps_linear", "v_cosine"],
         "experiment": ["dalle3_1024", "dalle3_256", "toy"],

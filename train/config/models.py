@@ -17,6 +17,25 @@ class CaptionerConfig:
     model_name: str
     architecture: dict[str, Any] | None = None
     pretrained: str | None = None  # local open_clip checkpoint file; null = random init
+    fitted_vocab_size: int | None = None  # null: open_clip's BPE (49408); N: fitted by pretrain-captioner (toy)
+
+    def validate(self) -> None:
+        from data_pipeline.caption_tokenizer import CAPTIONER_MIN_VOCAB
+
+        if self.fitted_vocab_size is not None:
+            if self.architecture is None or self.pretrained is not None:
+                raise ConfigError("fitted_vocab_size", "needs a captioner built from captioner.architecture without "
+                                  "pretrained weights (those have open_clip's 49408-token embeddings); set it to null")
+            if self.fitted_vocab_size < CAPTIONER_MIN_VOCAB:
+                raise ConfigError("fitted_vocab_size", f"must be >= {CAPTIONER_MIN_VOCAB} (special tokens and the "
+                                  f"alphabet), got {self.fitted_vocab_size}")
+        vocab_size = self.fitted_vocab_size or 49408  # the tokenizer's: fitted, or open_clip's BPE
+        for tower in ("text_cfg", "multimodal_cfg"):
+            named = (self.architecture or {}).get(tower, {}).get("vocab_size", vocab_size)
+            if named != vocab_size:
+                raise ConfigError(f"architecture.{tower}.vocab_size", f"is {named} but the tokenizer has {vocab_size} "
+                                  "tokens (captioner.fitted_vocab_size, null: open_clip's 49408); make them equal, "
+                                  "e.g. captioner=coca_tiny_small_vocab")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from data_pipeline.samples import SampleSpec
 from data_pipeline.shard_io import NoShardsError, list_shards
 from data_pipeline.shard_reader import ShardReader
 from models.caption_decoding import decode_text, generate_tokens
-from models.captioner import image_transform, tokenizer
+from models.captioner import image_transform
 from train.config.experiment import ExperimentConfig
 from train.outputs.run_logging import finish_stage, progress, setup_logging, write_config_snapshot
 from train.config.typed import ConfigError
@@ -75,16 +75,16 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError("caption.input", "is required: caption.input=<folder of images | image | shards>")
     log = setup_logging(run_dir, "caption")
     write_config_snapshot(run_dir, cfg)
-    model = load_captioner(c.captioner, "caption.captioner")
+    model, tok = load_captioner(c.captioner, "caption.captioner")
     device, _ = inference_placement(cfg.runtime)  # fp32 (as before): bf16 only where measured
     model = model.to(device)
-    tok, transform = tokenizer(model), image_transform(model)
+    transform = image_transform(model)
     out = open(c.output, "w") if c.output else None
     count, tokens, start = 0, 0, time.perf_counter()
     bar = progress(desc="caption", unit="img", enabled=cfg.logger.progress and out is not None)
     for keys, images in _batches(c.input, transform, c.batch_size, cfg.data.reader):
         keys, images = keys[: (c.limit - count) if c.limit else None], images[: (c.limit - count) if c.limit else None]
-        for key, ids in zip(keys, generate_tokens(model, images.to(device), c.decoding)):
+        for key, ids in zip(keys, generate_tokens(model, images.to(device), c.decoding, **tok.generation_ids())):
             text = decode_text(ids, tok)
             if out is None:
                 print(f"{key}\t{text}", flush=True)

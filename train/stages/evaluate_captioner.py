@@ -25,7 +25,7 @@ import torch
 
 from data_pipeline.caption_attributes import CaptionScorer, score_table
 from models.caption_decoding import decode_text, generate_tokens
-from models.captioner import image_transform, tokenizer
+from models.captioner import image_transform
 from train.captioning.exported import load_captioner
 from train.config.captioning import EvaluateCaptionerConfig
 from train.config.experiment import ExperimentConfig
@@ -44,13 +44,13 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     log = setup_logging(run_dir, "evaluate_captioner")
     write_config_snapshot(run_dir, cfg)
     models = {name: load_captioner(path, f"evaluate_captioner.captioners.{name}")
-              for name, path in e.captioners.items()}
+              for name, path in e.captioners.items()}  # name -> (model, its tokenizer)
     device, _ = inference_placement(cfg.runtime)  # fp32 (as before): bf16 only where measured
-    transform, tok = _shared_preprocessing(models, device)
+    transform = _shared_preprocessing([model for model, _ in models.values()], device)
     bar = progress(total=e.samples, desc="evaluate-captioner", unit="img", enabled=cfg.logger.progress)
     batches = heldout_batches(cfg.data.heldout, "data.heldout", CaptionerEvalItem(transform), reader=cfg.data.reader,
                               seed=cfg.seed, batch_size=e.batch_size, fix=HELDOUT_FIX, texts=("txt",))
-    keys, truths, captions = _caption_heldout(batches, models, tok, e, device, bar)
+    keys, truths, captions = _caption_heldout(batches, models, e, device, bar)
     bar.close()
 
     results = {name: {**_score(texts, truths), "other_image": _other_image(texts, truths)}
@@ -69,24 +69,24 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _shared_preprocessing(models: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
-    """(image transform, tokenizer) of the first captioner, after moving every captioner to
-    ``device``; ConfigError when there is none or their image sizes differ (one batch feeds all)."""
-    first = next(iter(models.values()), None)
+def _shared_preprocessing(models: list[Any], device: torch.device) -> Any:
+    """The image transform of the first captioner, after moving every captioner to ``device``;
+    ConfigError when there is none or their image sizes differ (one batch feeds all)."""
+    first = next(iter(models), None)
     if first is None:
         raise ConfigError("evaluate_captioner.captioners", "names no captioner to evaluate")
-    transform, tok = image_transform(first), tokenizer(first)
-    for model in models.values():
+    for model in models:
         model.to(device)
         if model.visual.image_size != first.visual.image_size:
             raise ConfigError("evaluate_captioner.captioners", "captioners with different image sizes")
-    return transform, tok
+    return image_transform(first)
 
 
-def _caption_heldout(batches: Iterable[list[Any]], models: dict[str, Any], tok: Any, e: EvaluateCaptionerConfig,
+def _caption_heldout(batches: Iterable[list[Any]], models: dict[str, tuple[Any, Any]], e: EvaluateCaptionerConfig,
                      device: torch.device, bar: Any) -> tuple[list[str], list[dict[str, Any]], dict[str, list[str]]]:
     """(keys, ground truths, captions) of the first ``e.samples`` (None: all) held-out samples;
-    captions maps each source (alt-text, every captioner, gt_ssc, gt_dsc) to one caption per sample."""
+    captions maps each source (alt-text, every captioner, gt_ssc, gt_dsc) to one caption per
+    sample; ``models``: name -> (captioner, its tokenizer)."""
     keys: list[str] = []
     truths: list[dict[str, Any]] = []
     captions: dict[str, list[str]] = {name: [] for name in ("alt-text", *models, "gt_ssc", "gt_dsc")}
@@ -98,8 +98,9 @@ def _caption_heldout(batches: Iterable[list[Any]], models: dict[str, Any], tok: 
         captions["alt-text"] += [alt for _, _, alt, _ in batch]
         captions["gt_ssc"] += [gt["gt_ssc"] for *_, gt in batch]
         captions["gt_dsc"] += [gt["gt_dsc"] for *_, gt in batch]
-        for name, model in models.items():
-            captions[name] += [decode_text(ids, tok) for ids in generate_tokens(model, images, e.decoding)]
+        for name, (model, tok) in models.items():
+            ids = generate_tokens(model, images, e.decoding, **tok.generation_ids())
+            captions[name] += [decode_text(row, tok) for row in ids]
         bar.update(len(batch))
         if e.samples is not None and len(keys) >= e.samples:
             break

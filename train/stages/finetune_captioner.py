@@ -6,7 +6,8 @@ every other sample's ground truth is dropped in the worker and the sample filter
 image tower is frozen by default, so SSC and DSC differ only in their text heads.
 
 Reads: seed, data.train, data.reader, captioner, finetune_captioner, runtime, checkpoint,
-resume, logger. Writes <run_dir>/<style>/captioner/ (open_clip formats), checkpoints/, metrics.
+resume, logger. Writes <run_dir>/<style>/captioner/ (open_clip formats, with the fitted tokenizer
+of the captioner it starts from, if it has one), checkpoints/, metrics.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ RESUME_KEYS = ("seed", "data.train", "data.reader", "captioner", "finetune_capti
 RESUME_IGNORE = ("finetune_captioner.steps", *READER_TUNING_KEYS)
 
 
-def _starting_point(c: CaptionerConfig, init_from: str) -> tuple[Any, dict[str, Any]]:
-    """(build function, architecture) from finetune_captioner.init_from: an exported captioner
-    directory (pretrain-captioner's output) or an open_clip checkpoint of captioner.model_name."""
+def _starting_point(c: CaptionerConfig, init_from: str) -> tuple[Any, dict[str, Any], Path | None]:
+    """(build function, architecture, fitted tokenizer folder or None) from finetune_captioner.init_from:
+    an exported captioner directory (pretrain-captioner's output, with its tokenizer) or an
+    open_clip checkpoint of captioner.model_name (open_clip's BPE)."""
     source = Path(init_from)
     if source.is_dir():
         import json
@@ -39,21 +41,29 @@ def _starting_point(c: CaptionerConfig, init_from: str) -> tuple[Any, dict[str, 
 
         if not (source / CONFIG_FILE).is_file():
             raise ConfigError("finetune_captioner.init_from", f"{source} is not an exported captioner (no {CONFIG_FILE})")
-        return (lambda: load_exported(source).train()), json.loads((source / CONFIG_FILE).read_text())["model_cfg"]
+        config = json.loads((source / CONFIG_FILE).read_text())["model_cfg"]
+        fitted = source if config["text_cfg"].get("hf_tokenizer_name") else None
+        return (lambda: load_exported(source).train()), config, fitted
     if source.is_file():
-        return (lambda: build_captioner(c.model_name, c.architecture, str(source))), coca_config(c.model_name, c.architecture)
+        if c.fitted_vocab_size is not None:
+            raise ConfigError("finetune_captioner.init_from", f"{source} is a checkpoint file, but with "
+                              "captioner.fitted_vocab_size the captioner's tokenizer is in its exported folder: point "
+                              "init_from at pretrain-captioner's captioner/ directory")
+        return ((lambda: build_captioner(c.model_name, c.architecture, str(source))),
+                coca_config(c.model_name, c.architecture), None)
     raise ConfigError("finetune_captioner.init_from", f"{source} does not exist; run `recap pretrain-captioner` first "
                       "or point it at an open_clip CoCa checkpoint")
 
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     f = cfg.finetune_captioner
-    build, architecture = _starting_point(cfg.captioner, f.init_from)
+    build, architecture, tokenizer = _starting_point(cfg.captioner, f.init_from)
     job = CaptionerJob(
         section="finetune_captioner", build=build,
         model_name=cfg.captioner.model_name, architecture={k: v for k, v in architecture.items() if k != "custom_text"},
         caption_source=f"json.gt_{f.style}", access=GroundTruthAccess.CURATED_CAPTIONS,
         contrastive_weight=0.0, caption_weight=f.caption_weight, freeze_image_tower=f.freeze_image_tower,
+        tokenizer=tokenizer,
         steps=f.steps, global_batch_size=f.global_batch_size, micro_batch_size=f.micro_batch_size,
         grad_clip=f.grad_clip, gradient_checkpointing=f.gradient_checkpointing, optimizer=f.optimizer)
     settings = RunSettings(run_dir / f.style, f"finetune_captioner_{f.style}", cfg.run.name, cfg.checkpoint,

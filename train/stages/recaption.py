@@ -79,7 +79,7 @@ class _Captioners:
     def __init__(self, r: RecaptionConfig, device: Any, bf16: bool) -> None:
         import torch
 
-        from models.captioner import SplitImageTransform, load_exported, tokenizer
+        from models.captioner import SplitImageTransform, load_exported, load_exported_tokenizer
 
         self.device, self.decoding, self.keys = device, r.decoding, list(r.keys)
         self.models, self.tokenizers, self.splits, self.transform_of, self.transforms = {}, {}, {}, {}, {}
@@ -87,7 +87,7 @@ class _Captioners:
         for key in self.keys:
             path = Path(r.captioners[key])
             model = load_exported(path).to(device).eval()
-            self.models[key], self.tokenizers[key] = model, tokenizer(model)
+            self.models[key], self.tokenizers[key] = model, load_exported_tokenizer(path)
             split = SplitImageTransform(model)  # resize in the workers, normalise batched on the device
             name = repr(split.key())  # captioners with the same preprocessing share the pixels
             self.transforms.setdefault(name, split.pixels)
@@ -115,7 +115,8 @@ class _Captioners:
         for key in self.keys:
             pixels = batch.images[self.transform_of[key]].to(self.device, non_blocking=True)
             with torch.inference_mode(), self.autocast:
-                ids = generate_tokens(self.models[key], self.splits[key].normalize(pixels), options)
+                ids = generate_tokens(self.models[key], self.splits[key].normalize(pixels), options,
+                                      **self.tokenizers[key].generation_ids())
             for row, tokens in zip(out, ids, strict=True):
                 row[key] = decode_text(tokens, self.tokenizers[key])
                 self.tokens += len(tokens)
