@@ -2,8 +2,9 @@
 image (nearest in log-aspect), and the resize-to-cover + crop that puts it there.
 
 No metadata pre-scan: a sample's bucket follows from its own width and height when it is read.
-Every size is a multiple of ``step`` pixels (64 by default: the VAE's 8x times the UNet's
-downsampling), and no bucket holds more pixels than ``base**2``, so a batch of any bucket costs
+Every size is a multiple of ``step`` pixels (a multiple of the VAE's factor f times the UNet's
+downsampling, so that every side gives whole latents at the UNet's lowest level: 64 by default,
+8x times 8x), and no bucket holds more pixels than ``base**2``, so a batch of any bucket costs
 at most what a square batch does. Crop offsets are returned so the trainer can record them.
 """
 

@@ -7,6 +7,7 @@ text members and json, drops its image, and gains ``KEY.cache.safetensors`` hold
 
     latents@<res>  (C, h, w)  scaled VAE latents (posterior mean) of the centre crop at the
                               sample's bucket of base resolution <res>, in the cache dtype
+                              (h, w: the bucket's sides over the VAE's factor f)
     bucket@<res>   (2,) int64 the bucket's (width, height) in pixels
     crop@<res>     (2,) int64 the crop's (top, left) in the image resized to cover the bucket
     t5@<key>       (T, D)     unpadded T5 states of caption key <key> (ending in </s>); absent
@@ -63,12 +64,14 @@ class FromCache:
     caption of the mix is cached for it.
 
     The item: ``latents`` (C, h, w) float32, ``bucket`` (index in ``table``), ``states`` (T, D)
-    float32, ``drawn``/``used`` caption keys, ``seed``.
+    float32, ``drawn``/``used`` caption keys, ``seed``. ``downsample`` is the factor f of the VAE
+    the trainer uses: latents cached by a VAE of another factor are refused.
     """
 
     table: Sequence[Bucket]
     resolution: int
     mix: CaptionMix
+    downsample: int
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         entry = decode_entry(sample[CACHE_MEMBER])
@@ -83,6 +86,12 @@ class FromCache:
         except ValueError:
             raise ValueError(f"the cached bucket {width}x{height} is not in this run's table at {self.resolution}px "
                              "(train_t2i.buckets changed since `recap cache`); rerun `recap cache`") from None
+        latent_hw = tuple(entry[key].shape[1:])
+        if latent_hw != (height // self.downsample, width // self.downsample):
+            raise ValueError(f"sample {sample['__key__']}: cached latents of {width}x{height} pixels are "
+                             f"{latent_hw[1]}x{latent_hw[0]}, not the {width // self.downsample}x"
+                             f"{height // self.downsample} of this run's {self.downsample}x VAE (train_t2i.vae "
+                             "changed since `recap cache`); rerun `recap cache`")
         available = {k: "cached" if states_name(k) in entry else None for k in self.mix.weights}
         choice = self.mix.choose(available, sample["seed"])
         if choice is None:
@@ -105,9 +114,9 @@ def refit_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tenso
     return resized[:, top : top + height, left : left + width]
 
 
-def collate_cached(items: Sequence[dict[str, Any]], bucket: Bucket, downsample: int = 8) -> dict[str, Any]:
-    """One bucket's batch: ``latents`` (B, C, H/8, W/8), ``states`` (B, T, D) zero-padded with
-    ``mask`` (B, T), ``seeds`` (B,), ``used`` caption keys."""
+def collate_cached(items: Sequence[dict[str, Any]], bucket: Bucket, *, downsample: int) -> dict[str, Any]:
+    """One bucket's batch: ``latents`` (B, C, H/f, W/f) for the VAE's factor f = ``downsample``,
+    ``states`` (B, T, D) zero-padded with ``mask`` (B, T), ``seeds`` (B,), ``used`` caption keys."""
     h, w = bucket.height // downsample, bucket.width // downsample
     longest = max(item["states"].shape[0] for item in items)
     dim = items[0]["states"].shape[1]

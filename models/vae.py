@@ -1,9 +1,13 @@
-"""The latent autoencoder: diffusers' AutoencoderKL (8x downsampling) and its training loss.
+"""The latent autoencoder: diffusers' AutoencoderKL, its training loss and its reconstruction PSNR.
 
-Pure: builds modules and computes tensors; no IO beyond diffusers' own folder format.
+A VAE of L levels (``len(block_out_channels)``) downsamples by f = 2**(L - 1): 8x for Stable
+Diffusion's 4 levels, 4x or 2x for the toy world's smaller ones. Pure: builds modules and computes
+tensors; no IO beyond diffusers' own folder format.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +16,8 @@ from diffusers import AutoencoderKL
 
 def build_vae(block_out_channels: list[int], *, layers_per_block: int, latent_channels: int = 4,
               norm_num_groups: int = 32, scaling_factor: float = 0.18215) -> AutoencoderKL:
-    """A randomly initialised AutoencoderKL; len(block_out_channels)=4 gives 8x downsampling."""
+    """A randomly initialised AutoencoderKL downsampling 2**(len(block_out_channels) - 1) times
+    (4 levels: 8x)."""
     levels = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels,
@@ -22,30 +27,55 @@ def build_vae(block_out_channels: list[int], *, layers_per_block: int, latent_ch
     )
 
 
-def vae_loss(vae: torch.nn.Module, images: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    """L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)), both per element.
+ReconstructionLoss = Literal["l1", "mse"]
+
+
+def vae_loss(vae: torch.nn.Module, images: torch.Tensor, kl_weight: float,
+             reconstruction: ReconstructionLoss = "l1", sample_posterior: bool = True) -> torch.Tensor:
+    """Reconstruction (L1 or MSE) of z + kl_weight * KL(q(z|x) || N(0, I)), both per element.
+
+    z is a sample of the posterior q(z|x) (a VAE), or with ``sample_posterior=False`` its mean,
+    the latent that `encode_pixels` gives the diffusion model (an autoencoder whose KL term only
+    keeps the means near 0). Measured on the toy world (benchmarks/toy_vae_quality.py): L1 settles
+    on the background colour for the first thousands of steps where MSE (what PSNR measures) draws
+    the objects, and the sampling noise of a freshly initialised posterior (std ~1) hides the
+    objects' colours from the decoder for longer than a CPU run lasts.
 
     Args:
-        images: (B, 3, H, W) in [-1, 1], H and W multiples of 8.
+        images: (B, 3, H, W) in [-1, 1], H and W multiples of the VAE's factor f.
     Returns:
-        Scalar loss. Samples z with the global torch RNG (restored on resume).
+        Scalar loss. A sampled z draws from the global torch RNG (restored on resume).
     """
-    posterior = vae.encode(images).latent_dist  # mean/logvar: (B, C, H/8, W/8)
-    recon = vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+    posterior = vae.encode(images).latent_dist  # mean/logvar: (B, C, H/f, W/f)
+    z = posterior.sample() if sample_posterior else posterior.mode()
+    recon = vae.decode(z).sample  # (B, 3, H, W)
     kl = posterior.kl().sum() / posterior.mean.numel()
-    return F.l1_loss(recon, images) + kl_weight * kl
+    if reconstruction == "l1":
+        error = F.l1_loss(recon, images)
+    elif reconstruction == "mse":
+        error = F.mse_loss(recon, images)
+    else:
+        raise ValueError(f"reconstruction must be 'l1' or 'mse', got {reconstruction!r}")
+    return error + kl_weight * kl
 
 
 class VaeTraining(torch.nn.Module):
     """The VAE with its loss as ``forward``: DDP and DeepSpeed only see calls to forward."""
 
-    def __init__(self, vae: AutoencoderKL, kl_weight: float) -> None:
+    def __init__(self, vae: AutoencoderKL, kl_weight: float, reconstruction: ReconstructionLoss = "l1",
+                 sample_posterior: bool = True) -> None:
         super().__init__()
         self.vae, self.kl_weight = vae, kl_weight
+        self.reconstruction, self.sample_posterior = reconstruction, sample_posterior
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) in [-1, 1] -> scalar loss."""
-        return vae_loss(self.vae, images, self.kl_weight)
+        return vae_loss(self.vae, images, self.kl_weight, self.reconstruction, self.sample_posterior)
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """f: pixels per latent along each side, 2**(levels - 1) (diffusers' ``vae_scale_factor``)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()
@@ -56,8 +86,29 @@ def latent_scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
 
 @torch.no_grad()
 def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) -> scaled latents (B, C, H/8, W/8): the posterior mean (mode)
+    """uint8 images (B, 3, H, W) -> scaled latents (B, C, H/f, W/f): the posterior mean (mode)
     times the VAE's scaling factor, so that they have about unit variance."""
     images = pixels.to(vae.dtype) / 127.5 - 1.0  # [-1, 1]
     # contiguous: the posterior mean comes out in a strided layout, which *_like ops would copy
     return (vae.encode(images).latent_dist.mode() * vae.config.scaling_factor).contiguous()
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) in [-1, 1] -> their reconstructions (B, 3, H, W), clamped to [-1, 1]:
+    decoded from the posterior mean (no sampling, so no RNG is drawn)."""
+    images = images.to(vae.dtype)
+    return vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1.0, 1.0)
+
+
+def psnr_db(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of each image: (B, 3, H, W) pairs in [-1, 1] -> (B,) float32.
+
+    10 * log10(1 / MSE) with pixels rescaled to [0, 1] (the usual 8-bit PSNR up to quantisation);
+    an exact reconstruction gives 100 dB rather than infinity.
+    """
+    if images.shape != reconstructions.shape:
+        raise ValueError(f"images {tuple(images.shape)} and reconstructions {tuple(reconstructions.shape)} differ")
+    err = ((images.float() - reconstructions.float()) / 2.0).square()  # in [0, 1] units
+    mse = err.flatten(1).mean(dim=1).clamp_min(1e-10)
+    return 10.0 * torch.log10(1.0 / mse)

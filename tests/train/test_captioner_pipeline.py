@@ -40,7 +40,7 @@ def _ok(args: list[str], **kwargs) -> str:
 
 def test_captioner_stages_end_to_end(toy_data: Path, tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    common = _common(root, toy_data)
+    common = [*_common(root, toy_data), "captioner=coca_tiny"]  # open_clip's BPE (the fitted one: below)
     # the training stages run in this process (the CLI path is what the caption calls below and the
     # DDP/ZeRO tests exercise); each saves an interpreter start-up
     run_stage("pretrain_captioner", [*common, "pretrain_captioner.steps=2", "pretrain_captioner.global_batch_size=8",
@@ -207,7 +207,7 @@ def test_fitted_vocabulary_config_is_checked(toy_data: Path, tmp_path: Path) -> 
         load_experiment(["captioner=coca_tiny_small_vocab", "captioner.pretrained=/models/coca.safetensors"])
     assert info.value.key == "captioner.fitted_vocab_size" and "without pretrained weights" in info.value.message
     with pytest.raises(ConfigError) as info:  # coca_tiny keeps open_clip's 49408 in its architecture
-        load_experiment(["captioner.fitted_vocab_size=512"])
+        load_experiment(["captioner=coca_tiny", "captioner.fitted_vocab_size=512"])
     assert info.value.key == "captioner.architecture.text_cfg.vocab_size"
     assert "is 49408 but the tokenizer has 512 tokens" in info.value.message
     with pytest.raises(ConfigError) as info:

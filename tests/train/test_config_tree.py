@@ -92,13 +92,14 @@ def test_toy_experiment_is_tiny_and_local():
     assert cfg.text_encoder.architecture.d_model == 64
     assert cfg.text_encoder.pretrained is None
     assert cfg.text_encoder.tokenizer == "runs/toy/tokenizer"
-    assert cfg.vae.pretrained is None and cfg.vae.block_out_channels == [32, 64, 64, 64]
+    assert cfg.vae.pretrained is None and cfg.vae.block_out_channels == [16, 32, 32]  # 4x (issue 16)
     assert cfg.captioner.pretrained is None and cfg.captioner.architecture["embed_dim"] <= 128
+    assert cfg.captioner.fitted_vocab_size == 768 and cfg.data.toy.world == "shapes"
     assert cfg.data.toy is not None
     assert (cfg.data.train, cfg.data.heldout) == ("runs/toy/toy_data/train", "runs/toy/toy_data/heldout")
     assert (cfg.runtime.kind, cfg.launcher.kind) == ("single", "local")
-    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (120, 16, 16)
-    assert (cfg.train_vae.optimizer.lr, cfg.train_vae.optimizer.warmup_steps) == (2e-3, 20)
+    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (1200, 4, 4)
+    assert (cfg.train_vae.optimizer.lr, cfg.train_vae.optimizer.warmup_steps) == (5e-4, 20)
     assert cfg.train_vae.optimizer.betas == (0.9, 0.999)
     assert cfg.checkpoint.every_steps == 100
 

@@ -102,17 +102,20 @@ def test_launch_dry_run_prints_deepspeeds_command(tmp_path, capsys):
     hostfile = _hostfile(tmp_path, "node-0 slots=4\nnode-1 slots=4\n")
     stage = ["train-vae", "launcher=deepspeed", f"launcher.hostfile={hostfile}", "launcher.nnodes=2",
              "launcher.nproc_per_node=4", "launcher.rdzv_endpoint=node-0:29600", "runtime=zero2",
-             "train_vae.micro_batch_size=2"]
+             "train_vae.global_batch_size=16", "train_vae.micro_batch_size=2"]
     assert main(["launch", *stage, "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == [
         sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--num_nodes=2", "--num_gpus=4",
         "--master_addr=node-0", "--master_port=29600", "--no_local_rank", "--module", "train.cli", *stage]
 
 
+DDP_BATCH = ["runtime=ddp", "train_vae.global_batch_size=16", "train_vae.micro_batch_size=8"]
+
+
 @pytest.mark.parametrize(("text", "extra", "message"), [
-    ("node-0 slots=4\nnode-1 slots:4\n", ["launcher.nnodes=2", "runtime=ddp", "train_vae.micro_batch_size=8"],
+    ("node-0 slots=4\nnode-1 slots:4\n", ["launcher.nnodes=2", *DDP_BATCH],
      "launcher.hostfile: {hostfile}:2: 'node-1 slots:4' is not '<hostname> slots=<N>'"),
-    ("node-0 slots=1\n", ["launcher.nproc_per_node=2", "runtime=ddp", "train_vae.micro_batch_size=8"],
+    ("node-0 slots=1\n", ["launcher.nproc_per_node=2", *DDP_BATCH],
      "launcher.hostfile: {hostfile}: node-0 (slots=1) has fewer slots than launcher.nproc_per_node=2"),
     ("node-0 slots=1\n", ["launcher.rdzv_endpoint=node-0"],
      "launcher.rdzv_endpoint: expected host:port or null, got 'node-0'"),

@@ -272,8 +272,10 @@ def _launch_args(root: Path, *extra: str) -> list[str]:
 
 def test_dry_run_prints_the_script_and_submits_nothing(slurm, tmp_path):
     root = tmp_path / "runs"
-    proc = run_recap([*_launch_args(root, "seed=3", "launcher.nnodes=2", "runtime=ddp", "train_vae.micro_batch_size=8",
-                                    "launcher.slurm.cpus_per_task=16"), "--dry-run"], env=slurm)
+    proc = run_recap([*_launch_args(root, "seed=3", "launcher.nnodes=2", "runtime=ddp",
+                                    "train_vae.global_batch_size=16", "train_vae.micro_batch_size=8",
+                                    "launcher.slurm.cpus_per_task=16"), "--dry-run"],
+                     env=slurm)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     log_dir = root / "toy" / "train_vae" / "slurm"
@@ -283,10 +285,11 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm, tmp_path):
     assert f"cd {shlex.quote(str(REPO))}" in lines  # where `recap launch` ran: relative paths resolve alike
     srun = lines.index(next(line for line in lines if line.startswith("srun ")))
     # The user's overrides minus the launcher ones, then torchrun's for every node.
-    assert [line.strip(" \\") for line in lines[srun + 2:srun + 12]] == [
+    assert [line.strip(" \\") for line in lines[srun + 2:srun + 13]] == [
         f"{sys.executable} -m train.cli train-vae", f"run.root={root}", "seed=3", "runtime=ddp",
-        "train_vae.micro_batch_size=8", "launcher=torchrun", "launcher.nproc_per_node=1", "launcher.rdzv_timeout_s=300",
-        "launcher.shutdown_timeout_s=120", "&& code=0 || code=$?",
+        "train_vae.global_batch_size=16", "train_vae.micro_batch_size=8", "launcher=torchrun",
+        "launcher.nproc_per_node=1", "launcher.rdzv_timeout_s=300", "launcher.shutdown_timeout_s=120",
+        "&& code=0 || code=$?",
     ]
     assert not root.exists()  # nothing written
     assert _calls(slurm, "sbatch") == []

@@ -63,7 +63,7 @@ def test_launch_dry_run_prints_the_torchrun_command_with_its_rendezvous_id(capsy
 
     args = ["train-vae", "launcher=torchrun", "runtime=ddp", "launcher.nnodes=2", "launcher.node_rank=1",
             "launcher.rdzv_endpoint=10.0.0.1:29400", "launcher.rdzv_id=job7", "launcher.shutdown_timeout_s=80",
-            "train_vae.micro_batch_size=4"]
+            "train_vae.global_batch_size=16", "train_vae.micro_batch_size=4"]
     assert main(["launch", *args, "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
@@ -78,6 +78,6 @@ def test_torchrun_needs_a_rendezvous_endpoint(capsys):
     from train.cli import main
 
     assert main(["train-vae", "launcher=torchrun", "runtime=ddp", "launcher.rdzv_endpoint=null",
-                 "train_vae.micro_batch_size=8"]) == EXIT_USAGE
+                 "train_vae.global_batch_size=16", "train_vae.micro_batch_size=8"]) == EXIT_USAGE
     assert capsys.readouterr().err == ("recap train-vae: error: launcher.rdzv_endpoint: torchrun's nodes meet at "
                                        "node 0: set it to <node 0 host>:<port>\n")

@@ -86,3 +86,20 @@ class ExperimentConfig:
                 f"runtime=single runs one process but the launcher starts {world} (launcher.nproc_per_node x "
                 "launcher.nnodes); use runtime=ddp or zero1/2/3, or launcher=local",
             )
+        self._check_image_sizes()
+
+    def _check_image_sizes(self) -> None:
+        """Training sizes the latents must divide: train-vae's crops by the VAE's factor f, and
+        train-t2i's bucket sides by f times the UNet's downsampling (each UNet level halves the
+        latents). Sampling sizes are checked against the exported pipeline's own parts
+        (RecapPipeline.check_size). The VAE train-t2i loads is checked again by train-t2i."""
+        f, unet = self.vae.downsampling_factor, self.unet.downsampling_factor
+        if self.train_vae.resolution % f:
+            raise ConfigError("train_vae.resolution", f"{self.train_vae.resolution} is not a multiple of the VAE's "
+                              f"downsampling factor {f} (vae.block_out_channels has {len(self.vae.block_out_channels)} "
+                              f"levels); use e.g. {max(f, round(self.train_vae.resolution / f) * f)}")
+        step, multiple = self.train_t2i.buckets.step, f * unet
+        if step % multiple:
+            raise ConfigError("train_t2i.buckets.step", f"{step} is not a multiple of {multiple} (the VAE's {f}x times "
+                              f"the UNet's {unet}x downsampling: every bucket side must give whole latents at the "
+                              f"UNet's lowest level); use e.g. {max(multiple, round(step / multiple) * multiple)}")

@@ -65,10 +65,14 @@ class TextEncoderConfig:
             raise ConfigError("max_tokens", f"must be >= 1, got {self.max_tokens}")
 
 
+VAE_LEVELS = (2, 3, 4)  # downsampling factor f = 2**(levels - 1): 2x, 4x or 8x
+
+
 @dataclass(frozen=True)
 class VaeConfig:
-    """diffusers AutoencoderKL with 8x downsampling: a ``pretrained`` local folder or an
-    architecture trained by `recap train-vae` (toy)."""
+    """diffusers AutoencoderKL: a ``pretrained`` local folder (whose architecture these fields
+    state) or an architecture trained by `recap train-vae` (toy). ``len(block_out_channels)``
+    levels downsample 2**(levels - 1) times: 8x for Stable Diffusion's 4, 4x for 3, 2x for 2."""
 
     pretrained: str | None = None
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
@@ -77,10 +81,17 @@ class VaeConfig:
     norm_num_groups: int = 16
     scaling_factor: float | None = None  # null: the pretrained folder's, or estimated by train-vae
 
+    @property
+    def downsampling_factor(self) -> int:
+        """f: pixels per latent along each side (diffusers' ``vae_scale_factor``)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def validate(self) -> None:
-        if len(self.block_out_channels) != 4:
-            raise ConfigError("block_out_channels", "needs 4 levels (3 downsamples = 8x), got "
-                              f"{len(self.block_out_channels)}")
+        levels = len(self.block_out_channels)
+        if levels not in VAE_LEVELS:
+            raise ConfigError("block_out_channels", f"needs {VAE_LEVELS[0]} to {VAE_LEVELS[-1]} levels (downsampling "
+                              f"factor f = 2**(levels - 1): 2x, 4x or 8x), got {levels}: {self.block_out_channels}; "
+                              "e.g. [32, 64, 64] for 4x or [32, 64, 64, 64] for 8x")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError("norm_num_groups", f"must divide every block_out_channels {self.block_out_channels}")
 
@@ -96,6 +107,11 @@ class UnetConfig:
     xf_layers: int
     xf_width: int
     xf_heads: int
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Latent pixels per UNet bottleneck pixel along each side: 2**(levels - 1)."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     def validate(self) -> None:
         if len(self.attention_levels) != len(self.block_out_channels):

@@ -56,8 +56,9 @@ class ResolutionStageConfig:
 @dataclass(frozen=True)
 class BucketConfig:
     """Multi-aspect buckets (data_pipeline/aspect_buckets.py): sides are multiples of ``step``
-    pixels, aspect ratios within 1:max_aspect..max_aspect:1; ``queue_batches`` read-ahead batches
-    per bucket and rank; ``random_crop`` (else centred)."""
+    pixels (itself a multiple of the VAE's factor times the UNet's downsampling, checked by
+    ExperimentConfig.validate), aspect ratios within 1:max_aspect..max_aspect:1;
+    ``queue_batches`` read-ahead batches per bucket and rank; ``random_crop`` (else centred)."""
 
     step: int = 64
     max_aspect: float = 4.0
@@ -65,8 +66,8 @@ class BucketConfig:
     random_crop: bool = True
 
     def validate(self) -> None:
-        if self.step < 8 or self.step % 8:
-            raise ConfigError("step", f"must be a multiple of 8 (the VAE's downsampling), got {self.step}")
+        if self.step < 1:
+            raise ConfigError("step", f"must be >= 1 pixel, got {self.step}")
         if self.max_aspect < 1:
             raise ConfigError("max_aspect", f"must be >= 1, got {self.max_aspect}")
         if self.queue_batches < 1:

@@ -65,15 +65,21 @@ def check_batch(global_batch: int, micro_batch: int, world_size: int = 1) -> int
 
 @dataclass(frozen=True, kw_only=True)
 class TrainVaeConfig(TrainingStageConfig):
-    """`recap train-vae`: reconstruction + KL on random crops of the training images."""
+    """`recap train-vae`: reconstruction + KL on random crops of the training images, then the
+    reconstruction PSNR of ``heldout_images`` held-out images (data.heldout) at ``resolution``."""
 
     resolution: int
     kl_weight: float = 1e-6
+    reconstruction_loss: Literal["l1", "mse"] = "l1"  # mse: what PSNR measures; learns the toy scenes faster
+    sample_posterior: bool = True  # false: decode the posterior mean (train-t2i's latent); toy colours learn faster
+    heldout_images: int = 64  # held-out images whose reconstruction PSNR is measured at the end; 0: none
 
     def validate(self) -> None:
         super().validate()
-        if self.resolution % 8:
-            raise ConfigError("resolution", f"must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+        if self.resolution < 1:  # a multiple of the VAE's factor: checked by ExperimentConfig.validate
+            raise ConfigError("resolution", f"must be >= 1 pixel, got {self.resolution}")
+        if self.heldout_images < 0:
+            raise ConfigError("heldout_images", f"must be >= 0 (0: no held-out measure), got {self.heldout_images}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,8 @@ from train.outputs.run_logging import config_snapshot
 from train.runtime.environment import launched_world_size
 from train.runtime.processes import Runtime, seed_everything, start_runtime
 from train.t2i.batches import (
-    batches_summary, bucketed_batches, check_cache, enter_stage, mix_report, resolution_plan, stage_transforms,
+    batches_summary, bucketed_batches, check_cache, check_latent_grid, enter_stage, mix_report, resolution_plan,
+    stage_transforms,
 )
 from train.t2i.export import export_raw_weights, export_trained, sample_grid, trained_weights
 from train.t2i.objective import Objective
@@ -81,7 +82,9 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     scheduler = build_staged_scheduler(optimizer, t.optimizer, plan.lengths, plan.lrs)
     model, optimizer = rt.prepare(denoiser, optimizer)
     seed_everything(cfg.seed, rt.rank)  # per-rank noise and timesteps
-    transforms = stage_transforms(t, cfg.caption_mix, frozen.tokenizer, cfg.text_encoder.max_tokens)
+    check_latent_grid(t.buckets, frozen.downsampling_factor, cfg.unet.downsampling_factor)
+    transforms = stage_transforms(t, cfg.caption_mix, frozen.tokenizer, cfg.text_encoder.max_tokens,
+                                  frozen.downsampling_factor)
     batches = bucketed_batches(t, cfg.data.reader, cfg.seed, rt, transforms, plan[0].stage)
     parts, resumed = open_session(settings, rt, model=model, optimizer=optimizer, scheduler=scheduler,
                                   reader=batches, ema=ema)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,19 +78,34 @@ class StageTransforms:
     tokenizer: Any  # a Hugging Face tokenizer (T5's, or the toy one)
     max_tokens: int
     cached: bool
+    downsample: int  # the VAE's factor f: cached latents are (C, H/f, W/f)
 
     def __call__(self, resolution: int) -> FitToBucket | FromCache:
         b = self.buckets
         table = bucket_table(resolution, step=b.step, max_aspect=b.max_aspect)
         if self.cached:
-            return FromCache(table, resolution, self.mix)
+            return FromCache(table, resolution, self.mix, self.downsample)
         return FitToBucket(table, self.mix, self.tokenizer, self.max_tokens, random_crop=b.random_crop)
 
 
-def stage_transforms(t: TrainT2IConfig, mix: CaptionMixConfig, tokenizer: Any, max_tokens: int) -> StageTransforms:
+def check_latent_grid(buckets: BucketConfig, vae_factor: int, unet_factor: int) -> None:
+    """ConfigError unless bucket sides (multiples of ``buckets.step``) give whole latents at the
+    UNet's lowest level with the VAE train-t2i loaded. The config's own check
+    (train/config/experiment.py) saw the VAE its ``vae`` section states; this checks the folder at
+    train_t2i.vae."""
+    multiple = vae_factor * unet_factor
+    if buckets.step % multiple:
+        raise ConfigError("train_t2i.vae", f"this VAE downsamples {vae_factor}x, so with the UNet's {unet_factor}x "
+                          f"train_t2i.buckets.step must be a multiple of {multiple}, got {buckets.step}; set "
+                          "vae.block_out_channels to the folder's and the step to a multiple of their product")
+
+
+def stage_transforms(t: TrainT2IConfig, mix: CaptionMixConfig, tokenizer: Any, max_tokens: int,
+                     vae_factor: int) -> StageTransforms:
     """The run's stage transforms, its caption mix built once (from raw images, or from
-    train_t2i.cache when it is set)."""
-    return StageTransforms(t.buckets, caption_mix(mix), tokenizer, max_tokens, cached=t.cache is not None)
+    train_t2i.cache when it is set); ``vae_factor``: the loaded VAE's downsampling factor f."""
+    return StageTransforms(t.buckets, caption_mix(mix), tokenizer, max_tokens, cached=t.cache is not None,
+                           downsample=vae_factor)
 
 
 def bucketed_batches(t: TrainT2IConfig, options: ReaderOptions, seed: int, rt: Runtime, transforms: StageTransforms,
@@ -102,7 +118,7 @@ def bucketed_batches(t: TrainT2IConfig, options: ReaderOptions, seed: int, rt: R
         key, source, collate = "train_t2i.input", t.input, collate_bucket
         spec = SampleSpec(GroundTruthAccess.NONE, image=True, optional_texts=caption_members(transforms.mix))
     else:
-        key, source, collate = "train_t2i.cache", t.cache, collate_cached
+        key, source, collate = "train_t2i.cache", t.cache, partial(collate_cached, downsample=transforms.downsample)
         spec = SampleSpec(GroundTruthAccess.NONE, image=False, binary=(CACHE_MEMBER,))
     try:
         reader = ShardReader(source, spec=spec, options=options, batch_size=first.micro_batch_size, seed=seed,

@@ -19,8 +19,9 @@ class Objective:
     """(model, batch) -> {"loss", "cfg_dropped"}: the loss a `train_steps` call minimises.
 
     A batch holds either ``pixels`` uint8 (B, 3, H, W) with ``input_ids``/``mask`` (B, T), or
-    cached ``latents`` (B, C, H/8, W/8) with T5 ``states`` (B, T, D) and ``mask``; and ``seeds``
-    int64 (B,) on the CPU (train/training/loop.py leaves them there), one per sample.
+    cached ``latents`` (B, C, H/f, W/f) (f: the VAE's factor) with T5 ``states`` (B, T, D) and
+    ``mask``; and ``seeds`` int64 (B,) on the CPU (train/training/loop.py leaves them there), one
+    per sample.
     """
 
     def __init__(self, diffusion: DiffusionConfig, frozen: FrozenEncoders, device: torch.device) -> None:

@@ -19,7 +19,7 @@ from data_pipeline.seeding import derive_seed
 from models.denoiser import CaptionConditionedUNet
 from models.text_conditioning import CaptionTransformer, build_t5_encoder, encode_captions
 from models.unet import build_unet
-from models.vae import encode_pixels
+from models.vae import downsampling_factor, encode_pixels
 from train.config.models import TextEncoderConfig, UnetConfig
 from train.config.typed import ConfigError
 
@@ -50,9 +50,14 @@ class FrozenEncoders:
         self.vae.to(device)
         return self
 
+    @property
+    def downsampling_factor(self) -> int:
+        """f: the VAE's pixels per latent along each side."""
+        return downsampling_factor(self.vae)
+
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
+        """uint8 (B, 3, H, W) -> scaled latents (B, C, H/f, W/f)."""
         return encode_pixels(self.vae, pixels)
 
     @torch.no_grad()
