@@ -27,7 +27,7 @@ _QUIET = ["logger.wandb.mode=disabled", "logger.progress=false", "data.reader.nu
 # the guard is for the trainers' code; retuning the toy world must not move it.
 _VAE = ["vae.block_out_channels=[32,64,64,64]", "vae.layers_per_block=1", "vae.latent_channels=4",
         "vae.norm_num_groups=16", "train_vae.resolution=64", "train_vae.optimizer.lr=2e-3",
-        "train_vae.reconstruction_loss=l1"]
+        "train_vae.reconstruction_loss=l1", "train_vae.sample_posterior=true", "train_vae.optimizer.schedule=constant"]
 _COCA = ["captioner.architecture={embed_dim: 96, vision_cfg: {image_size: 96, layers: 1, width: 96, patch_size: 12, "
          "head_width: 32, attentional_pool: true, attn_pooler_heads: 4, attn_pooler_queries: 32, output_tokens: true}, "
          "text_cfg: {context_length: 76, vocab_size: 49408, layers: 1, heads: 4, width: 96, embed_cls: true, "

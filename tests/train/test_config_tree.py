@@ -98,7 +98,7 @@ def test_toy_experiment_is_tiny_and_local():
     assert cfg.data.toy is not None
     assert (cfg.data.train, cfg.data.heldout) == ("runs/toy/toy_data/train", "runs/toy/toy_data/heldout")
     assert (cfg.runtime.kind, cfg.launcher.kind) == ("single", "local")
-    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (1200, 4, 4)
+    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (1800, 4, 4)
     assert (cfg.train_vae.optimizer.lr, cfg.train_vae.optimizer.warmup_steps) == (5e-4, 20)
     assert cfg.train_vae.optimizer.betas == (0.9, 0.999)
     assert cfg.checkpoint.every_steps == 100
