@@ -33,6 +33,7 @@ def _args(root: Path, toy_data: Path, runtime: str) -> list[str]:
             f"train_vae.steps={STEPS}", "checkpoint.every_steps=3", "checkpoint.keep_last=5",
             "train_vae.resolution=32", "train_vae.global_batch_size=8", "train_vae.micro_batch_size=2",
             "vae.block_out_channels=[8,16,16,16]", "vae.norm_num_groups=8", "data.reader.num_workers=2",
+            "train_vae.sample_posterior=true",  # the RNG drives each step (the toy decodes the mean: no RNG)
             "logger.wandb.mode=disabled", "logger.progress=false", "launcher=torchrun", "launcher.nproc_per_node=2",
             f"runtime={runtime}"]
 
