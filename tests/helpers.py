@@ -7,6 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.toy_scenes import Scene
 
 REPO = Path(__file__).resolve().parent.parent
 # A CoCa small enough for unit tests (open_clip model config; vocabulary and context are open_clip's).
@@ -79,6 +86,41 @@ def t2i_inputs(toy_data: Path, root: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     build_vae([8, 16, 16, 16], layers_per_block=1, norm_num_groups=8).save_pretrained(root / "vae")
     return {"shards": shards, "tokenizer": tokenizer, "vae": root / "vae"}
+
+
+def one_object_scene(colour: str, shape: str, rng: np.random.Generator, size: int = 32) -> Scene:
+    """A toy scene (data_pipeline.toy_scenes.Scene) of ``size`` x ``size`` px: one large solid
+    ``colour`` ``shape`` (a side of 55-75% of the image) at a place drawn from ``rng`` on white.
+    For learning tests that need one attribute to vary and little else."""
+    from data_pipeline.toy_scenes import Scene, SceneObject, grid_position
+
+    side = int(rng.integers(round(0.55 * size), round(0.75 * size) + 1))
+    x0, y0 = (int(v) for v in rng.integers(1, size - side, size=2))
+    box = (x0, y0, x0 + side, y0 + side)
+    thing = SceneObject(shape, colour, "large", "solid", grid_position(box, size, size), box)
+    return Scene(size, size, "white", (thing,), None)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """A PIL image encoded as PNG (lossless: the colours a test wrote are the colours read)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, samples: list[dict[str, bytes]], per_shard: int = 32) -> Path:
+    """``samples`` (tar members by extension: {"png": ..., "txt": ...}) as WebDataset shards
+    ``folder``/NNNNN.tar of ``per_shard`` samples, keyed by their index; returns ``folder``."""
+    from data_pipeline.shard_io import AtomicShardWriter
+
+    for start in range(0, len(samples), per_shard):
+        writer = AtomicShardWriter(folder / f"{start // per_shard:05d}.tar")
+        for index in range(start, min(start + per_shard, len(samples))):
+            writer.write(f"{index:06d}", samples[index])
+        writer.commit()
+    return folder
 
 
 def assert_close_to_scale(actual, expected, rel: float = 1e-5, msg: str = "") -> None:
