@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from tests.helpers import run_stage
-from train.stages.sweep_report import collect, metric_columns, table
+from train.stages.sweep_report import aggregate, collect, metric_columns, table
 from train.config.typed import ConfigError
 
 POINTS = {0: (0.95, 61.0, 70.5, 0.80), 1: (0.0, 60.0, 55.25, 0.30), 2: (0.5, 60.5, 66.0, 0.65)}
@@ -38,9 +38,30 @@ def test_collect_sorts_by_the_swept_value_and_lists_missing_points(tmp_path: Pat
     assert missing == ["3"]
     columns = metric_columns(points, "caption_mix.dsc")
     assert columns == ["attribute_accuracy", "clip_score_dsc", "clip_score_txt", "samples"]  # strings/bools dropped
-    rows = table(points, "caption_mix.dsc", columns).splitlines()
-    assert rows[0] == "| caption_mix.dsc | attribute_accuracy | clip_score_dsc | clip_score_txt | samples |"
-    assert rows[2] == "| 0 | 0.3 | 55.25 | 60 | 32 |" and rows[4] == "| 0.95 | 0.8 | 70.5 | 61 | 32 |"
+    rows = table(aggregate(points, "caption_mix.dsc", columns), "caption_mix.dsc", columns).splitlines()
+    assert rows[0] == "| caption_mix.dsc | n | attribute_accuracy | clip_score_dsc | clip_score_txt | samples |"
+    assert rows[2] == "| 0 | 1 | 0.3 | 55.25 | 60 | 32 |" and rows[4] == "| 0.95 | 1 | 0.8 | 70.5 | 61 | 32 |"
+
+
+def test_points_of_one_value_with_several_seeds_become_one_row_with_their_range(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path)
+    for num, (seed, acc, clip) in {3: (1, 0.70, 66.5), 4: (1, 0.40, 57.25)}.items():  # 0.95 and 0.0 again
+        (sweep / str(num) / "evaluate").mkdir(parents=True)
+        dsc = {3: 0.95, 4: 0.0}[num]
+        (sweep / str(num) / "config.yaml").write_text(yaml.safe_dump({"caption_mix": {"dsc": dsc},
+                                                                      "train_t2i": {"seed": seed}}))
+        (sweep / str(num) / "evaluate" / "summary.json").write_text(json.dumps(
+            {"clip_score_txt": 60.0, "clip_score_dsc": clip, "attribute_accuracy": acc, "samples": 32}))
+    points, _ = collect(sweep, "caption_mix.dsc")
+    columns = metric_columns(points, "caption_mix.dsc")
+    rows = aggregate(points, "caption_mix.dsc", columns)
+    assert [(r["caption_mix.dsc"], r["n"], r["points"]) for r in rows] == [(0.0, 2, [1, 4]), (0.5, 1, [2]),
+                                                                          (0.95, 2, [0, 3])]
+    assert rows[2]["attribute_accuracy"] == pytest.approx({"mean": 0.75, "min": 0.70, "max": 0.80})
+    assert rows[0]["clip_score_dsc"] == pytest.approx({"mean": 56.25, "min": 55.25, "max": 57.25})
+    lines = table(rows, "caption_mix.dsc", columns).splitlines()
+    assert lines[2] == "| 0 | 2 | 0.35 (0.3-0.4) | 56.25 (55.25-57.25) | 60 (60-60) | 32 (32-32) |"
+    assert lines[3] == "| 0.5 | 1 | 0.65 | 66 | 60.5 | 32 |"
 
 
 def test_stage_writes_table_json_and_plot(tmp_path: Path) -> None:

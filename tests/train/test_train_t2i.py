@@ -166,3 +166,14 @@ def test_a_nan_loss_fails_or_skips_the_step(policy: str, inputs, tmp_path: Path,
 
 # The caption-mix sweep (one multirun, a directory per point) is tested through `recap pipeline -m` in
 # tests/train/test_pipeline_stage.py.
+
+
+def test_train_t2i_seed_changes_the_training_and_defaults_to_the_experiment_seed(inputs, tmp_path: Path) -> None:
+    """train_t2i.seed (a sweep's error bars) sets the weights, data order and noise; null is `seed`."""
+    stages = "[{resolution: 64, steps: 2, global_batch_size: 4, micro_batch_size: 4}]"
+    losses = {}
+    for name, extra in (("default", ()), ("same", ("train_t2i.seed=0",)), ("other", ("train_t2i.seed=1",))):
+        run_stage("train_t2i", _args(tmp_path / name, inputs, stages, "checkpoint.every_steps=2", *extra)[1:])
+        losses[name] = _last_losses(tmp_path / name / "toy" / "train_t2i")
+    assert losses["same"] == losses["default"] and len(losses["default"]) == 2  # seed is 0 by default
+    assert all(losses["other"][s] != losses["default"][s] for s in (1, 2))

@@ -108,6 +108,10 @@ class TrainT2IConfig:
     max_consecutive_skips: int = 3
     buckets: BucketConfig = field(default_factory=BucketConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # The training's own seed (initial weights, data order, noise and timesteps); null: the
+    # experiment's `seed`. A sweep varies it for error bars without retraining the shared stages
+    # (the T5, VAE and cache keep the experiment's seed): train_t2i.seed=0,1
+    seed: int | None = None
 
     def validate(self) -> None:
         if not self.stages:

@@ -5,7 +5,9 @@ number), as `recap pipeline -m caption_mix.dsc=...` writes them: <point>/config.
 redacted config, where the swept value is read) and <point>/evaluate/summary.json (or
 <point>/summary.json for a sweep of `recap evaluate` itself). Writes <run_dir>/sweep.md (a
 markdown table), sweep.json and sweep.png: CLIP score against alt-text and DSC references, and
-attribute accuracy, against the swept value. Points whose evaluation is missing are listed, not
+attribute accuracy, against the swept value. Points that share the swept value (a sweep that also
+varies ``train_t2i.seed``) are one row: their mean, with the min-max range as the uncertainty
+(table cells and the plot's error bars). Points whose evaluation is missing are listed, not
 silently dropped.
 """
 
@@ -59,14 +61,31 @@ def metric_columns(points: list[dict[str, Any]], x: str) -> list[str]:
     return sorted(common, key=key)
 
 
-def table(points: list[dict[str, Any]], x: str, columns: list[str]) -> str:
-    lines = [f"| {x} | " + " | ".join(columns) + " |", "|---:|" + "---:|" * len(columns)]
-    lines += [f"| {p[x]:g} | " + " | ".join(f"{p[c]:.4g}" for c in columns) + " |" for p in points]
+def aggregate(points: list[dict[str, Any]], x: str, columns: list[str]) -> list[dict[str, Any]]:
+    """One row per value of ``x`` (sorted): ``n`` points (e.g. seeds: train_t2i.seed=0,1), their
+    folder numbers, and per metric the mean, min and max over those points."""
+    rows = []
+    for value in sorted({p[x] for p in points}):
+        same = [p for p in points if p[x] == value]
+        stats = {c: {"mean": sum(p[c] for p in same) / len(same), "min": min(p[c] for p in same),
+                     "max": max(p[c] for p in same)} for c in columns}
+        rows.append({x: value, "n": len(same), "points": [p["point"] for p in same], **stats})
+    return rows
+
+
+def table(rows: list[dict[str, Any]], x: str, columns: list[str]) -> str:
+    """Markdown: a row per value of ``x``; a cell is the mean, with (min-max) when n > 1."""
+    def cell(stats: dict[str, float], n: int) -> str:
+        return f"{stats['mean']:.4g}" + (f" ({stats['min']:.4g}-{stats['max']:.4g})" if n > 1 else "")
+
+    lines = [f"| {x} | n | " + " | ".join(columns) + " |", "|---:|---:|" + "---:|" * len(columns)]
+    lines += [f"| {r[x]:g} | {r['n']} | " + " | ".join(cell(r[c], r["n"]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def plot(points: list[dict[str, Any]], x: str, columns: list[str], path: Path) -> Path:
-    """One panel per metric family of PANELS that the points have; one line per metric."""
+def plot(rows: list[dict[str, Any]], x: str, columns: list[str], path: Path) -> Path:
+    """One panel per metric family of PANELS that the points have; one line per metric: the mean
+    over the points of each value of ``x``, error bars from their min to their max."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
@@ -75,10 +94,12 @@ def plot(points: list[dict[str, Any]], x: str, columns: list[str], path: Path) -
     panels = [(title, [c for c in columns if fragment in c]) for title, fragment in PANELS]
     panels = [(title, cols) for title, cols in panels if cols] or [("metrics", columns)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    xs = [p[x] for p in points]
+    xs = [r[x] for r in rows]
     for ax, (title, cols) in zip(axes[0], panels):
         for c in cols:
-            ax.plot(xs, [p[c] for p in points], marker="o", label=c)
+            means = [r[c]["mean"] for r in rows]
+            spread = [[m - r[c]["min"] for m, r in zip(means, rows)], [r[c]["max"] - m for m, r in zip(means, rows)]]
+            ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=c)
         ax.set_xlabel(x)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -103,11 +124,13 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     setup_logging(run_dir, STAGE)
     write_config_snapshot(run_dir, cfg)
     columns = metric_columns(points, r.x)
-    markdown = table(points, r.x, columns)
+    rows = aggregate(points, r.x, columns)
+    markdown = table(rows, r.x, columns)
     (run_dir / "sweep.md").write_text(f"# Sweep over {r.x} ({sweep})\n\n{markdown}\n\n![sweep](sweep.png)\n"
                                       + (f"\nPoints without an evaluation: {', '.join(missing)}\n" if missing else ""))
-    (run_dir / "sweep.json").write_text(json.dumps({"x": r.x, "points": points, "missing": missing}, indent=2) + "\n")
-    plot(points, r.x, columns, run_dir / "sweep.png")
+    (run_dir / "sweep.json").write_text(json.dumps({"x": r.x, "points": points, "by_x": rows, "missing": missing},
+                                                   indent=2) + "\n")
+    plot(rows, r.x, columns, run_dir / "sweep.png")
     log.info("sweep over %s, %d point(s):\n%s", r.x, len(points), markdown)
     summary = {"points": len(points), "missing": missing, "x": r.x, "table": str(run_dir / "sweep.md"),
                "plot": str(run_dir / "sweep.png")}

@@ -71,9 +71,10 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                            max_consecutive_skips=t.max_consecutive_skips)
     start_logs(settings, rt)
 
-    frozen = load_frozen(cfg.text_encoder, t.vae, cfg.seed).to(rt.device)  # tokenizer, T5, VAE
+    frozen = load_frozen(cfg.text_encoder, t.vae, cfg.seed).to(rt.device)  # tokenizer, T5, VAE: the experiment's
+    seed = cfg.seed if t.seed is None else t.seed  # the training's own
     build = partial(build_denoiser, cfg.unet, text_dim=frozen.text_dim, latent_channels=frozen.latent_channels)
-    seed_everything(cfg.seed)  # identical initial weights on every rank
+    seed_everything(seed)  # identical initial weights on every rank
     denoiser = build()  # xf + UNet
     if t.gradient_checkpointing:
         denoiser.unet.enable_gradient_checkpointing()
@@ -81,11 +82,11 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(denoiser.parameters(), t.optimizer)
     scheduler = build_staged_scheduler(optimizer, t.optimizer, plan.lengths, plan.lrs)
     model, optimizer = rt.prepare(denoiser, optimizer)
-    seed_everything(cfg.seed, rt.rank)  # per-rank noise and timesteps
+    seed_everything(seed, rt.rank)  # per-rank noise and timesteps
     check_latent_grid(t.buckets, frozen.downsampling_factor, cfg.unet.downsampling_factor)
     transforms = stage_transforms(t, cfg.caption_mix, frozen.tokenizer, cfg.text_encoder.max_tokens,
                                   frozen.downsampling_factor)
-    batches = bucketed_batches(t, cfg.data.reader, cfg.seed, rt, transforms, plan[0].stage)
+    batches = bucketed_batches(t, cfg.data.reader, seed, rt, transforms, plan[0].stage)
     parts, resumed = open_session(settings, rt, model=model, optimizer=optimizer, scheduler=scheduler,
                                   reader=batches, ema=ema)
     objective = Objective(cfg.diffusion, frozen, rt.device)
