@@ -123,6 +123,33 @@ def write_shards(folder: Path, samples: list[dict[str, bytes]], per_shard: int =
     return folder
 
 
+def export_tiny_pipeline(folder: Path) -> Path:
+    """A random RecapPipeline exported in diffusers format to ``folder`` (32 px images in a few ms
+    each): for stages that sample from train-t2i's export."""
+    import torch
+
+    from data_pipeline.caption_tokenizer import train_caption_tokenizer
+    from models.diffusion import make_scheduler
+    from models.pipeline import export_pipeline
+    from models.text_conditioning import CaptionTransformer, build_t5_encoder
+    from models.unet import build_unet
+    from models.vae import build_vae
+
+    texts = [f"a {c} {s} on a white background" for c in ("red", "blue", "green") for s in ("circle", "star", "heart")]
+    tokenizer = train_caption_tokenizer(texts, vocab_size=120, max_tokens=16)
+    torch.manual_seed(0)
+    return export_pipeline(
+        folder, tokenizer=tokenizer,
+        text_encoder=build_t5_encoder(pretrained=None, architecture={"d_model": 32, "d_kv": 8, "d_ff": 64,
+                                                                     "num_layers": 1, "num_heads": 2},
+                                      vocab_size=len(tokenizer)),
+        caption_transformer=CaptionTransformer(text_dim=32, width=16, layers=1, heads=2, pooled_dim=16),
+        unet=build_unet(block_out_channels=[32, 32], attention_levels=[False, True], layers_per_block=1,
+                        attention_head_dim=8, cross_attention_dim=16, pooled_dim=16, norm_num_groups=8),
+        vae=build_vae([8, 8, 8, 8], layers_per_block=1, norm_num_groups=8),
+        scheduler=make_scheduler(prediction_type="epsilon", beta_schedule="linear", num_train_timesteps=1000))
+
+
 def assert_close_to_scale(actual, expected, rel: float = 1e-5, msg: str = "") -> None:
     """Two float32 computations of the same quantity that differ only in how the sums are grouped
     (batched vs unbatched, padded vs not, our loop vs a peer's, the CPU's BLAS kernels) agree to

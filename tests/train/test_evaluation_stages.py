@@ -12,11 +12,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 
 from models.attribute_probe import ATTRIBUTES, binding_accuracy, load_probe, predict, probe_targets
 from models.clip_score import pair_scores, to_clip_input, tokenize_references
-from tests.helpers import run_recap, run_stage
+from models.vae import reconstruct
+from tests.helpers import export_tiny_pipeline, run_recap, run_stage
 from train.config.typed import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -33,27 +35,7 @@ MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random RecapPipeline exported in diffusers format (32 px images in a few ms each)."""
-    from data_pipeline.caption_tokenizer import train_caption_tokenizer
-    from models.diffusion import make_scheduler
-    from models.pipeline import export_pipeline
-    from models.text_conditioning import CaptionTransformer, build_t5_encoder
-    from models.unet import build_unet
-    from models.vae import build_vae
-
-    texts = [f"a {c} {s} on a white background" for c in ("red", "blue", "green") for s in ("circle", "star", "heart")]
-    tokenizer = train_caption_tokenizer(texts, vocab_size=120, max_tokens=16)
-    torch.manual_seed(0)
-    return export_pipeline(
-        tmp_path_factory.mktemp("pipeline") / "pipeline", tokenizer=tokenizer,
-        text_encoder=build_t5_encoder(pretrained=None, architecture={"d_model": 32, "d_kv": 8, "d_ff": 64,
-                                                                     "num_layers": 1, "num_heads": 2},
-                                      vocab_size=len(tokenizer)),
-        caption_transformer=CaptionTransformer(text_dim=32, width=16, layers=1, heads=2, pooled_dim=16),
-        unet=build_unet(block_out_channels=[32, 32], attention_levels=[False, True], layers_per_block=1,
-                        attention_head_dim=8, cross_attention_dim=16, pooled_dim=16, norm_num_groups=8),
-        vae=build_vae([8, 8, 8, 8], layers_per_block=1, norm_num_groups=8),
-        scheduler=make_scheduler(prediction_type="epsilon", beta_schedule="linear", num_train_timesteps=1000))
+    return export_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +116,7 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
     ev = json.loads((run_dir / "evaluation.json").read_text())
     assert ev["samples"] == 16 and ev["size"] == SIZE and ev["dsc_references"] == {"dsc.txt": 0, "gt_dsc": 16}
     r = ev["results"]
-    assert set(r) == {"generated_from_alt_text", "generated_from_dsc", "real", "majority_class"}
+    assert set(r) == {"generated_from_alt_text", "generated_from_dsc", "real", "vae_round_trip", "majority_class"}
     assert set(r["generated_from_alt_text"]) == {"clip_score_alt_text"}
     assert set(r["generated_from_dsc"]) == {"clip_score_dsc", "clip_score_other_dsc", "attributes"}
     probe = load_probe(root / "toy" / "train_eval_clip" / "probe")
@@ -156,6 +138,17 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
     assert r["majority_class"]["attributes"] == pytest.approx(
         binding_accuracy({n: torch.full((16,), probe.spec.majority[n]) for n in probe.spec.attributes}, targets),
         abs=1e-4)
+
+    # The VAE row: the same real images encoded and decoded by the generator's own VAE, judged alike.
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline / "vae").eval()
+    with torch.no_grad():
+        through = (reconstruct(vae, real * 2 - 1) + 1) / 2
+        images = model.encode_image(to_clip_input(through, 32, MEAN, STD))
+        dsc = model.encode_text(tokenize_references(tokenizer, [m["gt_dsc"] for _, _, m in test], 77))
+    assert r["vae_round_trip"]["clip_score_dsc"] == pytest.approx(pair_scores(images, dsc).mean().item(), abs=2e-3)
+    assert r["vae_round_trip"]["attributes"] == pytest.approx(binding_accuracy(predict(probe, through), targets),
+                                                              abs=1e-4)
+    assert not torch.equal(through, real)  # a random toy VAE: the row is not the real images again
     assert ev["judges"]["clip"]["clip"]["retrieval_candidates"] == 8 and ev["judges"]["probe"]["samples"] == 16
 
     # The markdown table shows the JSON's numbers, one row per image set.
@@ -168,10 +161,12 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
             + " |") in table
     real_row = f"| real (ceiling) | – | {r['real']['clip_score_alt_text']:.2f} | {r['real']['clip_score_dsc']:.2f} |"
     assert real_row in table
+    assert f"| real through the VAE | – | {r['vae_round_trip']['clip_score_alt_text']:.2f} |" in table
     assert "| majority class (floor) | – | – | – | – |" in table
     assert "Judge CLIP on 16 real held-out images" in table and "Judge probe on 16 real held-out images" in table
     assert summary["clip_score_dsc"] == gen_dsc["clip_score_dsc"] and summary["samples"] == 16
     assert summary["real_attribute_accuracy"] == r["real"]["attributes"]["mean"]
+    assert summary["vae_round_trip_attribute_accuracy"] == r["vae_round_trip"]["attributes"]["mean"]
 
 
 def test_evaluate_without_probe_takes_the_first_n_samples_and_only_scores_clip(judges, toy_data: Path,
@@ -180,8 +175,8 @@ def test_evaluate_without_probe_takes_the_first_n_samples_and_only_scores_clip(j
     _evaluate(root, toy_data, tiny_pipeline, "evaluate.samples=5", "evaluate.probe=null")
     ev = json.loads((root / "toy" / "evaluate" / "evaluation.json").read_text())
     assert ev["samples"] == 5 and ev["probe"] is None and ev["judges"]["probe"] is None
-    assert set(ev["results"]) == {"generated_from_alt_text", "generated_from_dsc", "real"}
-    assert "attributes" not in ev["results"]["real"]
+    assert set(ev["results"]) == {"generated_from_alt_text", "generated_from_dsc", "real", "vae_round_trip"}
+    assert "attributes" not in ev["results"]["real"] and "attributes" not in ev["results"]["vae_round_trip"]
     assert "colour" not in (root / "toy" / "evaluate" / "evaluation.md").read_text()
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import run_stage
+from tests.helpers import export_tiny_pipeline, run_stage
 from train.stages.sweep_report import aggregate, collect, metric_columns, table
 from train.config.typed import ConfigError
 
@@ -70,6 +71,7 @@ def test_stage_writes_table_json_and_plot(tmp_path: Path) -> None:
                                          "logger.wandb.mode=disabled"])
     out = tmp_path / "toy" / "sweep_report"
     assert summary["points"] == 3 and summary["missing"] == ["3"]
+    assert summary["grid"] is None  # the toy's sample prompts, but these points exported no pipeline
     data = json.loads((out / "sweep.json").read_text())
     assert [p["clip_score_dsc"] for p in data["points"]] == [55.25, 66.0, 70.5]
     assert "Points without an evaluation: 3" in (out / "sweep.md").read_text()
@@ -83,3 +85,25 @@ def test_stage_refuses_an_empty_or_missing_sweep(tmp_path: Path) -> None:
     (tmp_path / "empty" / "0").mkdir(parents=True)
     with pytest.raises(ConfigError, match="no point.*points without: \\['0'\\]"):
         run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={tmp_path / 'empty'}"])
+
+
+def test_stage_draws_the_prompts_with_each_values_first_point_from_the_same_noise(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path)
+    for num in POINTS:  # the same random model everywhere: every column must then be the same image
+        export_tiny_pipeline(sweep / str(num) / "train_t2i" / "pipeline")
+    summary = run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={sweep}",
+                                         "sweep_report.prompts=[a red circle,a blue star]", "sweep_report.size=32",
+                                         "sweep_report.steps=2", "logger.wandb.mode=disabled"])
+    grid = np.asarray(Image.open(summary["grid"]).convert("RGB"))
+    assert summary["grid"].endswith("grid.png") and "grid.png" in Path(summary["table"]).read_text()
+    assert grid.shape[1] == 4 + 3 * (32 + 4)  # a column per swept value (0, 0.5, 0.95)
+    cells = [[grid[4 + r * (grid.shape[0] - 4) // 2:][:32, 4 + c * 36:][:, :32] for c in range(3)] for r in range(2)]
+    for row in cells:  # one prompt, one noise, one model: identical in every column
+        assert np.array_equal(row[0], row[1]) and np.array_equal(row[0], row[2])
+    assert not np.array_equal(cells[0][0], cells[1][0])  # another prompt and noise
+
+
+def test_no_prompts_no_grid(tmp_path: Path) -> None:
+    summary = run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={_sweep(tmp_path)}",
+                                         "sweep_report.prompts=[]", "logger.wandb.mode=disabled"])
+    assert summary["grid"] is None and not (tmp_path / "toy" / "sweep_report" / "grid.png").exists()

@@ -117,7 +117,16 @@ class PipelineConfig:
 class SweepReportConfig:
     """`recap sweep-report`: gather every point of a sweep (``sweep``: a sweep directory such as
     runs/toy/sweeps/pipeline) into a table and a plot of CLIP score and attribute accuracy against
-    ``x`` (a config key that the sweep varied)."""
+    ``x`` (a config key that the sweep varied). ``prompts``: drawn from the same noise by the
+    first point of every swept value into grid.png (the paper's side-by-side; [] for none),
+    ``size`` x ``size`` pixels, DDIM with ``steps`` steps and guidance 5."""
 
     sweep: str
     x: str = "caption_mix.dsc"
+    prompts: list[str] = field(default_factory=list)
+    size: int = 128
+    steps: int = 20
+
+    def validate(self) -> None:
+        if self.size < 8 or self.steps < 1:
+            raise ConfigError("size", f"size must be >= 8 and steps >= 1, got {self.size} and {self.steps}")

@@ -7,9 +7,10 @@ from typing import Any
 from models.attribute_probe import ATTRIBUTES
 from train.outputs.markdown import cell
 
-ROWS = ("generated_from_alt_text", "generated_from_dsc", "real", "majority_class")
+ROWS = ("generated_from_alt_text", "generated_from_dsc", "real", "vae_round_trip", "majority_class")
 _LABELS = {"generated_from_alt_text": ("generated", "alt-text"), "generated_from_dsc": ("generated", "DSC"),
-           "real": ("real (ceiling)", "–"), "majority_class": ("majority class (floor)", "–")}  # first two cells
+           "real": ("real (ceiling)", "–"), "vae_round_trip": ("real through the VAE", "–"),
+           "majority_class": ("majority class (floor)", "–")}  # first two cells
 
 
 def markdown_report(evaluation: dict[str, Any]) -> str:

@@ -12,7 +12,9 @@ sample`), so they differ only by their prompt. Then, with the judges:
 - attribute-binding accuracy of the DSC images (``evaluate.probe`` and toy ground truth): per
   attribute, the fraction whose probe prediction equals the scene's truth (models/attribute_probe.py).
 - the same on the real held-out images (squashed to ``size`` x ``size`` like the generated ones): the
-  ceiling the judges allow, i.e. how far they can be trusted; and the majority-class floor.
+  ceiling the judges allow, i.e. how far they can be trusted; the same real images encoded and
+  decoded by the generator's own VAE (what its latents can hold: a generated image cannot keep
+  what the round trip loses); and the majority-class floor.
 
 Empty alt-texts (about 10% of toy alt-text; web data has them too) stay in: the paper scores every
 held-out sample, and an empty prompt is the unconditional model.
@@ -34,6 +36,7 @@ import torch
 
 from models.attribute_probe import AttributeProbe, binding_accuracy, load_probe, predict
 from models.clip_score import pair_scores
+from models.vae import reconstruct
 from train.config.experiment import ExperimentConfig
 from train.config.typed import ConfigError
 from train.evaluation.clip_judge import ClipJudge, load_clip, read_judge_accuracy
@@ -79,16 +82,28 @@ def judge_images(judge: ClipJudge, probe: AttributeProbe | None, images: torch.T
     return out
 
 
+@torch.no_grad()
+def round_trip(vae: Any, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The real images (N, 3, H, W) uint8 through the generator's VAE (encode, decode the posterior
+    mean) -> (N, 3, H, W) float in [0, 1] on the CPU: what the VAE lets the diffusion model draw."""
+    device = next(vae.parameters()).device
+    chunks = [reconstruct(vae, pixels[i: i + batch_size].to(device).float() / 127.5 - 1.0).float().cpu()
+              for i in range(0, len(pixels), batch_size)]
+    return (torch.cat(chunks) + 1.0) / 2.0
+
+
 def score_all(judge: ClipJudge, probe: AttributeProbe | None, data: Prompted, drawn: dict[str, torch.Tensor],
               batch_size: int) -> dict[str, Any]:
-    """The table's rows: each generated set against its own prompts, the real images against both
-    references, and (with a probe) the majority-class floor."""
+    """The table's rows: each generated set against its own prompts, the real images and their VAE
+    round trips (``drawn["vae_round_trip"]``) against both references, and (with a probe) the
+    majority-class floor."""
     both = {"alt_text": data.alt_texts, "dsc": data.dscs}
     results = {
         "generated_from_alt_text": judge_images(judge, None, drawn["alt_text"], {"alt_text": data.alt_texts}, None,
                                                 batch_size),
         "generated_from_dsc": judge_images(judge, probe, drawn["dsc"], {"dsc": data.dscs}, data.targets, batch_size),
         "real": judge_images(judge, probe, data.pixels.float() / 255, both, data.targets, batch_size),
+        "vae_round_trip": judge_images(judge, probe, drawn["vae_round_trip"], both, data.targets, batch_size),
     }
     if probe is not None and data.targets is not None:
         majority = {name: torch.full_like(data.targets[name], probe.spec.majority[name])
@@ -122,6 +137,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                               batch_size=e.sampler.batch_size, show_progress=cfg.logger.progress)
              for prompt, texts in (("alt_text", data.alt_texts), ("dsc", data.dscs))}  # (N, 3, size, size) in [0, 1]
     generated_s = time.perf_counter() - start
+    drawn["vae_round_trip"] = round_trip(pipe.vae, data.pixels, e.sampler.batch_size)
     results = score_all(judge, probe, data, drawn, e.sampler.batch_size)
     evaluation = {
         "samples": n, "size": e.size, "input": e.input, "dsc_references": data.dsc_sources,
@@ -160,5 +176,6 @@ def _summary(evaluation: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if "attributes" in r["generated_from_dsc"]:
         out["attribute_accuracy"] = r["generated_from_dsc"]["attributes"]["mean"]
         out["real_attribute_accuracy"] = r["real"]["attributes"]["mean"]
+        out["vae_round_trip_attribute_accuracy"] = r["vae_round_trip"]["attributes"]["mean"]
     return {**out, "seconds": evaluation["seconds"]["total"], "evaluation": str(run_dir / "evaluation.json"),
             "table": str(run_dir / "evaluation.md")}

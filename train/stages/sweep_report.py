@@ -5,10 +5,11 @@ number), as `recap pipeline -m caption_mix.dsc=...` writes them: <point>/config.
 redacted config, where the swept value is read) and <point>/evaluate/summary.json (or
 <point>/summary.json for a sweep of `recap evaluate` itself). Writes <run_dir>/sweep.md (a
 markdown table), sweep.json and sweep.png: CLIP score against alt-text and DSC references, and
-attribute accuracy, against the swept value. Points that share the swept value (a sweep that also
-varies ``train_t2i.seed``) are one row: their mean, with the min-max range as the uncertainty
-(table cells and the plot's error bars). Points whose evaluation is missing are listed, not
-silently dropped.
+attribute accuracy, against the swept value; grid.png: ``sweep_report.prompts`` drawn by the first
+point of every swept value (its <point>/train_t2i/pipeline) from the same noise. Points that share
+the swept value (a sweep that also varies ``train_t2i.seed``) are one row: their mean, with the
+min-max range as the uncertainty (table cells and the plot's error bars). Points whose evaluation
+is missing are listed, not silently dropped.
 """
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
+
 from train.config.experiment import ExperimentConfig
-from train.outputs.run_logging import finish_stage, setup_logging, write_config_snapshot
+from train.config.sampling import SamplerConfig, SweepReportConfig
 from train.config.typed import ConfigError
+from train.outputs.image_grids import labelled_grid
+from train.outputs.run_logging import finish_stage, setup_logging, write_config_snapshot
+from train.runtime.placement import inference_placement
+from train.t2i.sampling import generate, load_sampler
 
 STAGE = "sweep-report"
+GRID_FILE = "grid.png"
 log = logging.getLogger("recap")
 PANELS = (("CLIP score", "clip_score"), ("attribute accuracy", "accuracy"))  # (axis title, key fragment)
 
@@ -110,6 +119,22 @@ def plot(rows: list[dict[str, Any]], x: str, columns: list[str], path: Path) -> 
     return path
 
 
+def side_by_side(sweep: Path, rows: list[dict[str, Any]], x: str, r: SweepReportConfig,
+                 device: torch.device) -> Image.Image:
+    """Every prompt of ``r.prompts`` (a row each) drawn by the first point of every swept value (a
+    column each) from the same noise: what changes between columns is the model alone."""
+    columns = []
+    for row in rows:
+        pipeline = sweep / str(min(row["points"])) / "train_t2i" / "pipeline"
+        pipe = load_sampler(SamplerConfig(pipeline=str(pipeline), steps=r.steps), device, key="sweep_report.sweep",
+                            size=(r.size, r.size), size_key="sweep_report.size")
+        columns.append(generate(pipe, r.prompts, height=r.size, width=r.size, steps=r.steps, guidance_scale=5.0,
+                                seed=0, batch_size=8))  # (P, 3, size, size)
+    images = torch.stack(columns, dim=1).flatten(0, 1)  # prompt-major: (P x values, 3, size, size)
+    labels = [f"{x}={row[x]:g}: {prompt}" for prompt in r.prompts for row in rows]
+    return labelled_grid(images, labels, columns=len(rows))
+
+
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     r = cfg.sweep_report
     sweep = Path(r.sweep)
@@ -126,13 +151,21 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     columns = metric_columns(points, r.x)
     rows = aggregate(points, r.x, columns)
     markdown = table(rows, r.x, columns)
-    (run_dir / "sweep.md").write_text(f"# Sweep over {r.x} ({sweep})\n\n{markdown}\n\n![sweep](sweep.png)\n"
+    lacking = [str(p) for p in (sweep / str(min(row["points"])) / "train_t2i" / "pipeline" for row in rows)
+               if not (p / "model_index.json").is_file()]
+    draw = bool(r.prompts) and not lacking
+    if r.prompts and lacking:
+        log.warning("no %s: these points have no exported pipeline: %s", GRID_FILE, ", ".join(lacking))
+    grid = (f"\n![each value's first point, same noise per prompt]({GRID_FILE})\n" if draw else "")
+    (run_dir / "sweep.md").write_text(f"# Sweep over {r.x} ({sweep})\n\n{markdown}\n\n![sweep](sweep.png)\n" + grid
                                       + (f"\nPoints without an evaluation: {', '.join(missing)}\n" if missing else ""))
     (run_dir / "sweep.json").write_text(json.dumps({"x": r.x, "points": points, "by_x": rows, "missing": missing},
                                                    indent=2) + "\n")
     plot(rows, r.x, columns, run_dir / "sweep.png")
+    if draw:
+        side_by_side(sweep, rows, r.x, r, inference_placement(cfg.runtime)[0]).save(run_dir / GRID_FILE)
     log.info("sweep over %s, %d point(s):\n%s", r.x, len(points), markdown)
     summary = {"points": len(points), "missing": missing, "x": r.x, "table": str(run_dir / "sweep.md"),
-               "plot": str(run_dir / "sweep.png")}
+               "plot": str(run_dir / "sweep.png"), "grid": str(run_dir / GRID_FILE) if draw else None}
     finish_stage(run_dir, STAGE, summary)
     return summary
