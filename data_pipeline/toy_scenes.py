@@ -6,18 +6,18 @@ Each scene is coloured shapes on a pale/neutral background, optionally with one 
 Because the ground truth is known exactly, captioner output can be scored attribute by
 attribute. Two worlds (``WORLDS``) share the vocabulary and the renderer:
 
-- ``shapes`` (the demo's): 1-3 solid shapes, one per cell of a 3x3 grid, in square or 4:3
-  images (long side 96-160 px). The main subject (the largest object) is unambiguous: every
-  other object is of a smaller size class, so a scene whose main subject is small has one
-  object. Objects are listed main subject first. Small enough for minutes of CPU training.
+- ``shapes`` (the demo's): 1-3 solid shapes of 7 (no hexagon), one per cell of a 3x3 grid, in
+  square or 4:3 images (long side 96-160 px). The main subject (the largest object) is
+  unambiguous: every other object is of a smaller size class (a small main subject is alone),
+  and it is listed first. Small enough for minutes of CPU training.
 - ``full``: 1-4 shapes anywhere (rejection-sampled), striped and dotted textures, seven aspect
   ratios with the long side 128-512 px, written words when ``text_probability`` > 0. The harder
   preset (``data.toy.world=full``). This module is pure: no file IO, no config, no torch;
 everything random derives only from the ``numpy.random.Generator`` passed in.
 
-Caption vocabulary is exactly the constant names below (colour names are the
-``COLOURS`` keys, shapes are ``SHAPES``, plurals via ``toy_captions.plural``). Background
-names deliberately contain no object colour or shape word, so captions stay parsable.
+Caption vocabulary is exactly the constant names below (colour names are the ``COLOURS`` keys,
+shapes are ``SHAPES``, plurals via ``toy_captions.plural``). Background names deliberately
+contain no object colour or shape word, so captions stay parsable.
 Pixel boxes are ``(x0, y0, x1, y1)`` half-open: ``x0 <= x < x1``, ``y0 <= y < y1``.
 """
 
@@ -75,11 +75,10 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (16, 9), (
                                               (2, 1), (1, 2))  # width:height
 
 _SIZE_FRACTIONS: dict[str, float] = {"small": 0.20, "medium": 0.32, "large": 0.45}
-# Grid layout: the object's side as a fraction of its cell's short side (jitter as above).
-_CELL_FRACTIONS: dict[str, float] = {"small": 0.55, "medium": 0.75, "large": 0.95}
+# Grid: side / cell's short side +- jitter; far apart (squashed, 4:3 large ~ square medium: docs/data.md)
+_CELL_FRACTIONS, _GRID_SIZE_JITTER = {"small": 0.50, "medium": 0.72, "large": 0.95}, 0.02
 _SIZE_JITTER = 0.03  # +- fraction of the short side; classes stay >= 0.06 apart
-_GAP = 4  # minimum pixel gap between any two boxes (objects and text)
-_PLACEMENT_TRIES = 50
+_GAP, _PLACEMENT_TRIES = 4, 50  # minimum pixel gap between any two boxes (objects and text); tries
 _TEXT_CONTRAST = 2.2  # minimum WCAG contrast ratio of the word against its background
 _WHITE = np.array([255, 255, 255], dtype=np.uint8)
 
@@ -96,6 +95,7 @@ class World:
         grid: True: one object per 3x3 grid cell, smaller size classes than the main subject
             for every other object, main subject first; False: free rejection-sampled
             placement in random order, any sizes.
+        shapes: the ``SHAPES`` objects are drawn from.
     """
 
     max_objects: int
@@ -103,11 +103,13 @@ class World:
     aspect_ratios: tuple[tuple[int, int], ...]
     long_side: tuple[int, int]
     grid: bool
+    shapes: tuple[str, ...] = SHAPES
 
 
 WORLDS: dict[str, World] = {
     "shapes": World(max_objects=3, textures=("solid",), aspect_ratios=((1, 1), (4, 3), (3, 4)),
-                    long_side=(96, 160), grid=True),
+                    long_side=(96, 160), grid=True,  # no hexagon: a small one is a circle (docs/data.md)
+                    shapes=("circle", "square", "triangle", "star", "heart", "diamond", "cross")),
     "full": World(max_objects=4, textures=TEXTURES, aspect_ratios=ASPECT_RATIOS, long_side=(128, 512), grid=False),
 }
 
@@ -215,7 +217,7 @@ def _sample_objects(rng: np.random.Generator, width: int, height: int, world: Wo
     short = min(width, height)
     placed: list[SceneObject] = []
     for _ in range(int(rng.integers(1, world.max_objects + 1))):
-        shape = SHAPES[rng.integers(len(SHAPES))]
+        shape = world.shapes[rng.integers(len(world.shapes))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         size = SIZES[rng.integers(len(SIZES))]
         texture = world.textures[rng.integers(len(world.textures))]
@@ -239,14 +241,14 @@ def _sample_grid_objects(rng: np.random.Generator, width: int, height: int,
     cell_w, cell_h = width / 3, height / 3
     objects = []
     for size, cell in zip(sizes, cells):
-        frac = _CELL_FRACTIONS[SIZES[size]] + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
+        frac = _CELL_FRACTIONS[SIZES[size]] + rng.uniform(-_GRID_SIZE_JITTER, _GRID_SIZE_JITTER)
         side = max(8, round(frac * min(cell_w, cell_h)))
         row, col = divmod(int(cell), 3)
         slack_x, slack_y = max(0.0, cell_w - side), max(0.0, cell_h - side)
         x0 = int(col * cell_w + slack_x * rng.uniform(0.1, 0.9))
         y0 = int(row * cell_h + slack_y * rng.uniform(0.1, 0.9))
         box = (x0, y0, x0 + side, y0 + side)
-        objects.append(SceneObject(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
+        objects.append(SceneObject(world.shapes[rng.integers(len(world.shapes))], list(COLOURS)[rng.integers(len(COLOURS))],
                                    SIZES[size], world.textures[rng.integers(len(world.textures))],
                                    grid_position(box, width, height), box))
     return tuple(objects)

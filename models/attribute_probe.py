@@ -136,6 +136,26 @@ class AttributeProbe(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
 
+# POSITIONS is the 3x3 grid row-major: a left-right mirror swaps the first and last column.
+MIRRORED_POSITION: tuple[int, ...] = tuple(3 * (i // 3) + 2 - i % 3 for i in range(len(POSITIONS)))
+
+
+def mirror_scenes(images: torch.Tensor, targets: dict[str, torch.Tensor],
+                  flip: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mirror left-right the images (B, 3, H, W) where ``flip`` (B,) bool is set, and their targets:
+    every shape of ``SHAPES`` is its own mirror image and textures stay textures, so only the
+    position column changes. A mirrored word is not that word: scenes whose ``word`` target is a
+    word stay as they are. Returns new tensors."""
+    if "word" in targets:
+        flip = flip & (targets["word"] == CLASSES["word"].index(NO_WORD))
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    targets = dict(targets)
+    if "position" in targets:
+        mirrored = torch.tensor(MIRRORED_POSITION, device=targets["position"].device)[targets["position"]]
+        targets["position"] = torch.where(flip, mirrored, targets["position"])
+    return images, targets
+
+
 def probe_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the probe's heads of each head's cross-entropy (scalar)."""
     return torch.stack([F.cross_entropy(value, targets[name]) for name, value in logits.items()]).mean()

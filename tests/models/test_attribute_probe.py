@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.toy_captions import main_subject
-from data_pipeline.toy_scenes import WORLDS, sample_scene, scene_ground_truth
+from data_pipeline.toy_scenes import POSITIONS, SHAPES, WORLDS, sample_scene, scene_ground_truth, shape_mask
 from models.attribute_probe import (
-    ATTRIBUTES, CLASSES, NO_WORD, AttributeProbe, ProbeSpec, binding_accuracy, load_probe, main_object,
-    majority_classes, predict, probe_loss, probe_targets, save_probe, stack_targets, varying_attributes,
+    ATTRIBUTES, CLASSES, MIRRORED_POSITION, NO_WORD, AttributeProbe, ProbeSpec, binding_accuracy, load_probe,
+    main_object, majority_classes, mirror_scenes, predict, probe_loss, probe_targets, save_probe, stack_targets, varying_attributes,
 )
 
 
@@ -128,3 +128,26 @@ def test_save_and_load_give_the_same_predictions(tmp_path) -> None:
     (folder / "probe.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="classes differ"):
         load_probe(folder)
+
+
+def test_mirroring_flips_the_chosen_images_and_their_position_column_but_no_word() -> None:
+    images = torch.rand(4, 3, 8, 8)
+    word = {name: CLASSES["word"].index(name) for name in (NO_WORD, "apple")}
+    targets = {"position": torch.tensor([POSITIONS.index(p) for p in ("top left", "center", "bottom right", "left")]),
+               "colour": torch.tensor([1, 2, 3, 4]),
+               "word": torch.tensor([word[NO_WORD], word[NO_WORD], word[NO_WORD], word["apple"]])}
+    flip = torch.tensor([True, True, False, True])
+    mirrored, new = mirror_scenes(images, targets, flip)
+    assert torch.equal(mirrored[:2], images[:2].flip(-1)) and torch.equal(mirrored[2:], images[2:])  # 4th: a word
+    assert [POSITIONS[i] for i in new["position"]] == ["top right", "center", "bottom right", "left"]
+    assert torch.equal(new["colour"], targets["colour"]) and torch.equal(new["word"], targets["word"])
+    assert [POSITIONS[i] for i in MIRRORED_POSITION] == ["top right", "top", "top left", "right", "center", "left",
+                                                         "bottom right", "bottom", "bottom left"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_is_its_own_mirror_image_up_to_rasterisation(shape: str) -> None:
+    """What mirroring the probe's training scenes assumes: a mirrored shape is the same shape (its
+    mask and its mirror differ only in edge pixels of the polygon fill)."""
+    mask = np.array(shape_mask(shape, 48)) > 0
+    assert (mask != mask[:, ::-1]).sum() < 0.15 * mask.sum()

@@ -16,11 +16,13 @@ from train.config.typed import ConfigError
 @dataclass(frozen=True)
 class ProbeConfig:
     """The attribute probe's CNN (models/attribute_probe.py): input side in pixels, the width of a
-    full-resolution stem conv (0: none) and of each stride-2 block."""
+    full-resolution stem conv (0: none) and of each stride-2 block, and its mirror augmentation."""
 
     image_size: int = 64  # input side in pixels (images are squashed to it)
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])  # width of each stride-2 conv block
     stem: int = 24  # width of a stride-1 conv before the blocks (0: none)
+    # +1.8 points of shape accuracy at 1000 steps on the shapes world (benchmarks/toy_probe_variants.py)
+    hflip: bool = True  # mirror half of each batch left-right (positions too; never a scene with a word)
 
     def validate(self) -> None:
         if self.image_size < 8 or not self.channels or min(self.channels) < 1:

@@ -38,8 +38,8 @@ from PIL import Image
 from data_pipeline.options import ReaderOptions, ToyDataOptions
 from data_pipeline.toy_shards import make_sample
 from models.attribute_probe import (
-    ATTRIBUTES, CLASSES, AttributeProbe, ProbeSpec, binding_accuracy, majority_classes, predict, probe_loss, save_probe,
-    varying_attributes,
+    ATTRIBUTES, CLASSES, AttributeProbe, ProbeSpec, binding_accuracy, majority_classes, mirror_scenes, predict,
+    probe_loss, save_probe, varying_attributes,
 )
 from models.clip_score import pair_scores, retrieval_top1, score_matrix, to_clip_input, tokenize_references
 from train.config.evaluation import TrainEvalClipConfig
@@ -123,9 +123,13 @@ def train_judges(clip: open_clip.CLIP, probe: AttributeProbe, data: JudgeData, t
         batch, order = order[: tc.global_batch_size], order[tc.global_batch_size:]
         image_features, text_features, scale = clip(_normalize(data.clip_pixels[batch].to(device)),
                                                     tokens[batch].to(device))  # (B, D) each, normalised
+        probe_pixels = data.probe_pixels[batch].to(device).float() / 255
+        probe_targets = {name: data.targets[name][batch].to(device) for name in probe.spec.attributes}
+        if tc.probe.hflip:
+            flip = (torch.rand(len(batch), generator=generator) < 0.5).to(device)
+            probe_pixels, probe_targets = mirror_scenes(probe_pixels, probe_targets, flip)
         losses = {"clip_loss": contrastive(image_features, text_features, scale),
-                  "probe_loss": probe_loss(probe(data.probe_pixels[batch].to(device).float() / 255),
-                                           {name: t[batch].to(device) for name, t in data.targets.items()})}
+                  "probe_loss": probe_loss(probe(probe_pixels), probe_targets)}
         for model, optimizer, scheduler, loss in zip((clip, probe), optimizers, schedulers, losses.values()):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
