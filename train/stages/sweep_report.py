@@ -119,14 +119,18 @@ def plot(rows: list[dict[str, Any]], x: str, columns: list[str], path: Path) -> 
     return path
 
 
+def first_pipeline(sweep: Path, row: dict[str, Any]) -> Path:
+    """The exported pipeline of the first point (lowest folder number) of an ``aggregate`` row."""
+    return sweep / str(min(row["points"])) / "train_t2i" / "pipeline"
+
+
 def side_by_side(sweep: Path, rows: list[dict[str, Any]], x: str, r: SweepReportConfig,
                  device: torch.device) -> Image.Image:
     """Every prompt of ``r.prompts`` (a row each) drawn by the first point of every swept value (a
     column each) from the same noise: what changes between columns is the model alone."""
     columns = []
     for row in rows:
-        pipeline = sweep / str(min(row["points"])) / "train_t2i" / "pipeline"
-        pipe = load_sampler(SamplerConfig(pipeline=str(pipeline), steps=r.steps), device, key="sweep_report.sweep",
+        pipe = load_sampler(SamplerConfig(pipeline=str(first_pipeline(sweep, row)), steps=r.steps), device, key="sweep_report.sweep",
                             size=(r.size, r.size), size_key="sweep_report.size")
         columns.append(generate(pipe, r.prompts, height=r.size, width=r.size, steps=r.steps, guidance_scale=5.0,
                                 seed=0, batch_size=8))  # (P, 3, size, size)
@@ -151,8 +155,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     columns = metric_columns(points, r.x)
     rows = aggregate(points, r.x, columns)
     markdown = table(rows, r.x, columns)
-    lacking = [str(p) for p in (sweep / str(min(row["points"])) / "train_t2i" / "pipeline" for row in rows)
-               if not (p / "model_index.json").is_file()]
+    lacking = [str(p) for p in (first_pipeline(sweep, row) for row in rows) if not (p / "model_index.json").is_file()]
     draw = bool(r.prompts) and not lacking
     if r.prompts and lacking:
         log.warning("no %s: these points have no exported pipeline: %s", GRID_FILE, ", ".join(lacking))
