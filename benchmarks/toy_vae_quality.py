@@ -14,6 +14,10 @@ against the first variant's (the f=8 toy VAE of conf/vae/tiny.yaml), measured in
     python benchmarks/toy_vae_quality.py --variant "mine:vae.block_out_channels=[32,64] train_vae.optimizer.lr=1e-3"
 
 ``--grid DIR`` writes DIR/<variant>.png: held-out crops (top row) over their reconstructions.
+``--probe DIR`` (train-eval-clip's probe/, e.g. runs/toy/train_eval_clip/probe) also has that judge
+read the main object's attributes on ``--probe-images`` whole held-out scenes at ``--probe-size``
+px and on their round trips through each variant (what `recap evaluate`'s "real through the VAE"
+row measures): PSNR says little about a small object's colour.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import re
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +45,7 @@ from train.stages import train_vae
 # posterior samples, lr 2e-3, batch 16). The recipe: MSE on the posterior mean, GroupNorm over
 # all channels (norm_num_groups=1), lr 5e-4 with a cosine decay, batch 4.
 _PINNED = ["vae.latent_channels=4", "vae.layers_per_block=1", "train_vae.resolution=64", "train_vae.kl_weight=1e-6",
+           "train_vae.object_weight=0",
            "train_vae.optimizer.warmup_steps=20"]
 _TOY_WAS = [*_PINNED, "vae.norm_num_groups=16", "train_vae.reconstruction_loss=l1", "train_vae.sample_posterior=true",
             "train_vae.optimizer.lr=2e-3", "train_vae.optimizer.schedule=constant", "train_vae.global_batch_size=16",
@@ -56,6 +61,10 @@ VARIANTS = {
     "f4 [64,64,64] c4, recipe": ["vae.block_out_channels=[64,64,64]", *_RECIPE],
     "f8 [16,32,32,32] c4, recipe": ["vae.block_out_channels=[16,32,32,32]", *_RECIPE],
     "f4 [16,32,32] c4, recipe": ["vae.block_out_channels=[16,32,32]", *_RECIPE],
+    # objects weigh more than their share of pixels (train_vae.object_weight; the toy's choice)
+    "f4 [16,32,32] c4, recipe + object weight 4": ["vae.block_out_channels=[16,32,32]",
+                                                   *[o for o in _RECIPE if "object_weight" not in o],
+                                                   "train_vae.object_weight=4"],
 }
 CALIBRATION_STEPS = 16
 GRID_IMAGES = 8
@@ -72,6 +81,7 @@ class Measured:
     train_s: float  # the training loop's own time: steps x batch / its img/s
     stage_s: float  # the whole stage: start-up, held-out read, training, export, measure
     psnr: dict
+    probe: dict | None = None  # attribute -> accuracy on the round trips (with --probe)
 
 
 def _slug(name: str) -> str:
@@ -121,6 +131,30 @@ def references(data: Path) -> dict[str, tuple[int | None, dict]]:
     return out
 
 
+def probe_accuracy(probe_dir: Path, root: Path, data: Path, name: str, extra: list[str], images: int,
+                   size: int) -> tuple[dict, dict]:
+    """The probe's accuracy per attribute on the first ``images`` held-out scenes (data/heldout,
+    the reader's seeded order, squashed to ``size``) and on their round trips through the variant's
+    exported VAE: (on the originals, on the round trips)."""
+    from diffusers import AutoencoderKL
+
+    from models.attribute_probe import binding_accuracy, load_probe, predict
+    from train.evaluation.heldout import read_prompted
+    from train.stages.evaluate import round_trip
+
+    cfg = load_experiment([*_overrides(root, data, name, extra), f"evaluate.input={data}/heldout",
+                           f"evaluate.samples={images}", f"evaluate.size={size}"])
+    held = read_prompted(cfg.evaluate, cfg.data.reader, cfg.seed, with_targets=True)
+    probe = load_probe(probe_dir)
+    vae = AutoencoderKL.from_pretrained(cfg.run.dir / "train_vae" / "vae").eval()
+    targets = {k: held.targets[k] for k in probe.spec.attributes}
+
+    def accuracy(pixels: torch.Tensor) -> dict:  # (N, 3, size, size) in [0, 1]
+        return {k: round(v, 3) for k, v in binding_accuracy(predict(probe, pixels), targets).items()}
+
+    return accuracy(held.pixels.float() / 255), accuracy(round_trip(vae, held.pixels, 32))
+
+
 def write_grid(path: Path, root: Path, data: Path, name: str, extra: list[str]) -> None:
     """Held-out crops over their reconstructions by the variant's exported VAE, 2x upscaled."""
     from diffusers import AutoencoderKL
@@ -156,6 +190,10 @@ def main() -> None:
                         help="indices of the built-in variants to run (0: the peer), e.g. --only 0 6")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch compute threads")
     parser.add_argument("--grid", type=Path, default=None, help="write reconstruction grids here")
+    parser.add_argument("--probe", type=Path, default=None,
+                        help="train-eval-clip's probe folder: judge the attributes of round trips too")
+    parser.add_argument("--probe-images", type=int, default=192, help="held-out scenes the probe judges")
+    parser.add_argument("--probe-size", type=int, default=128, help="side in px of the scenes the probe judges")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = dict(args.variant) if args.variant else VARIANTS
@@ -169,12 +207,19 @@ def main() -> None:
             write_toy_dataset({"train": data / "train", "heldout": data / "heldout"}, load_experiment([]).data.toy,
                               progress=False)
         yardsticks = references(data)
-        results = []
+        results, originals = [], None
         for name, extra in variants.items():
-            results.append(measure(root, data, name, extra, args.seconds))
+            result = measure(root, data, name, extra, args.seconds)
+            if args.probe is not None:
+                originals, probed = probe_accuracy(args.probe, root, data, name, extra, args.probe_images,
+                                                   args.probe_size)
+                result = replace(result, probe=probed)
+            results.append(result)
             if args.grid is not None:
                 write_grid(args.grid / f"{_slug(name)}.png", root, data, name, extra)
     _print_table(results, yardsticks, args)
+    if originals is not None:
+        _print_probe_table(results, originals, args)
 
 
 def _print_table(results: list[Measured], yardsticks: dict[str, tuple[int | None, dict]],
@@ -191,6 +236,17 @@ def _print_table(results: list[Measured], yardsticks: dict[str, tuple[int | None
         print(f"| {name} | {factor or '—'} | — | — | — | — | {psnr['median']:.2f} | {psnr['min']:.2f} | "
               f"{psnr['median'] - peer:+.2f} |")
     print(json.dumps({r.name: r.overrides for r in results}, indent=1))
+
+
+def _print_probe_table(results: list[Measured], originals: dict, args: argparse.Namespace) -> None:
+    names = list(originals)
+    print(f"\nthe probe ({args.probe}) on {args.probe_images} held-out scenes at {args.probe_size} px: "
+          "accuracy on the originals and on their round trips through each variant")
+    print("| images | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    print("| originals | " + " | ".join(f"{originals[k]:.3f}" for k in names) + " |")
+    for r in results:
+        print(f"| through {r.name} | " + " | ".join(f"{r.probe[k]:.3f}" for k in names) + " |")
 
 
 if __name__ == "__main__":

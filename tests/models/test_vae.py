@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.vae import build_vae, downsampling_factor, encode_pixels, psnr_db, reconstruct, vae_loss
+from models.vae import build_vae, downsampling_factor, encode_pixels, object_weights, psnr_db, reconstruct, vae_loss
 
 
 @pytest.mark.parametrize(("blocks", "factor"), [([8, 8], 2), ([8, 16, 16], 4), ([8, 16, 16, 16], 8)])
@@ -72,3 +72,29 @@ def test_decoding_the_posterior_mean_is_deterministic_and_draws_no_random_number
     torch.testing.assert_close(got, expected)
     sampled = vae_loss(vae, images, kl_weight=0.5, reconstruction="mse")  # a posterior sample: another value
     assert not torch.isclose(sampled, got)
+
+
+def test_object_weights_favour_pixels_far_from_the_median_colour() -> None:
+    images = torch.full((2, 3, 4, 4), 0.8)  # a pale background...
+    images[0, :, 0, 0] = torch.tensor([1.0, -1.0, -1.0])  # ...with one red pixel in the first image
+    weights = object_weights(images, 4.0)
+    assert weights.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(weights.mean(dim=(2, 3)), torch.ones(2, 1))  # mean 1 per image
+    distance = torch.tensor([0.2, 1.8, 1.8]).norm().item()  # the red pixel's distance from the median (0.8, 0.8, 0.8)
+    background = 16 / (15 + 1 + 4 * distance)  # weight 1 before normalising, 1 + 4 * distance for the red pixel
+    assert weights[0, 0, 0, 0].item() == pytest.approx(background * (1 + 4 * distance), rel=1e-5)
+    assert weights[0, 0, 3, 3].item() == pytest.approx(background, rel=1e-5)
+    torch.testing.assert_close(weights[1], torch.ones(1, 4, 4))  # a plain image: uniform weights
+    torch.testing.assert_close(object_weights(images, 0.0), torch.ones(2, 1, 4, 4))
+
+
+def test_vae_loss_with_object_weight_is_the_weighted_mean_error() -> None:
+    torch.manual_seed(0)
+    vae = build_vae([8, 16], layers_per_block=1, latent_channels=2, norm_num_groups=8)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    expected = ((recon - images).square() * object_weights(images, 3.0)).mean()
+    got = vae_loss(vae, images, kl_weight=0.0, reconstruction="mse", sample_posterior=False, object_weight=3.0)
+    torch.testing.assert_close(got, expected)
+    plain = vae_loss(vae, images, kl_weight=0.0, reconstruction="mse", sample_posterior=False)
+    assert not torch.isclose(got, plain)  # the weights change the loss

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 TINY_CLIP = ("train_eval_clip.clip={embed_dim: 16, vision_cfg: {image_size: 32, layers: 1, width: 32, patch_size: 8, "
              "head_width: 16}, text_cfg: {context_length: 77, vocab_size: 49408, width: 32, heads: 2, layers: 1}}")
-JUDGE_ARGS = [TINY_CLIP, "train_eval_clip.probe={image_size: 32, channels: [8, 16]}", "train_eval_clip.steps=3",
+JUDGE_ARGS = [TINY_CLIP, "train_eval_clip.probe={image_size: 32, channels: [8, 16], steps: 4}",
+              "train_eval_clip.steps=3",
               "train_eval_clip.global_batch_size=8", "train_eval_clip.micro_batch_size=8",
               "train_eval_clip.extra_scenes=16", "train_eval_clip.retrieval_candidates=8"]
 COMMON = ["logger.wandb.mode=disabled", "logger.progress=false", "data.reader.num_workers=1"]
@@ -76,7 +77,10 @@ def test_train_eval_clip_trains_measures_and_exports_both_judges(judges, toy_dat
     for key in ("image_to_text_top1", "text_to_image_top1"):
         assert c[key] * 8 * 2 == pytest.approx(round(c[key] * 16))  # a count of hits out of 2 groups of 8
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in losses] == [1, 2, 3] and all(r["clip_loss"] > 0 and r["probe_loss"] > 0 for r in losses)
+    # the CLIP trains 3 steps, the probe its own 4
+    assert (summary["steps"], summary["probe_steps"]) == (3, 4)
+    assert [r["step"] for r in losses] == [1, 2, 3, 4] and all(r["probe_loss"] > 0 for r in losses)
+    assert [r["clip_loss"] > 0 for r in losses[:3]] == [True] * 3 and "clip_loss" not in losses[3]
 
     # The exported CLIP is a plain open_clip CLIP that open_clip loads by itself; recomputed scores agree.
     model = open_clip.create_model(f"local-dir:{run_dir / 'clip'}").eval()

@@ -16,19 +16,22 @@ from train.config.typed import ConfigError
 @dataclass(frozen=True)
 class ProbeConfig:
     """The attribute probe's CNN (models/attribute_probe.py): input side in pixels, the width of a
-    full-resolution stem conv (0: none) and of each stride-2 block, and its mirror augmentation."""
+    full-resolution stem conv (0: none) and of each stride-2 block, its mirror augmentation and its step count."""
 
     image_size: int = 64  # input side in pixels (images are squashed to it)
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])  # width of each stride-2 conv block
     stem: int = 24  # width of a stride-1 conv before the blocks (0: none)
     # +1.8 points of shape accuracy at 1000 steps on the shapes world (benchmarks/toy_probe_variants.py)
     hflip: bool = True  # mirror half of each batch left-right (positions too; never a scene with a word)
+    steps: int | None = None  # the probe's training steps; null: train_eval_clip.steps (the CLIP's)
 
     def validate(self) -> None:
         if self.image_size < 8 or not self.channels or min(self.channels) < 1:
             raise ConfigError("image_size", "image_size must be >= 8 and channels a non-empty list of widths >= 1")
         if self.stem < 0:
             raise ConfigError("stem", f"must be >= 0 (0: no stem), got {self.stem}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1 (null: train_eval_clip.steps), got {self.steps}")
 
 
 @dataclass(frozen=True, kw_only=True)

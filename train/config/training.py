@@ -72,12 +72,15 @@ class TrainVaeConfig(TrainingStageConfig):
     kl_weight: float = 1e-6
     reconstruction_loss: Literal["l1", "mse"] = "l1"  # mse: what PSNR measures; learns the toy scenes faster
     sample_posterior: bool = True  # false: decode the posterior mean (train-t2i's latent); toy colours learn faster
+    object_weight: float = 0.0  # > 0: pixels far from their image's median colour weigh more (models/vae.py)
     heldout_images: int = 64  # held-out images whose reconstruction PSNR is measured at the end; 0: none
 
     def validate(self) -> None:
         super().validate()
         if self.resolution < 1:  # a multiple of the VAE's factor: checked by ExperimentConfig.validate
             raise ConfigError("resolution", f"must be >= 1 pixel, got {self.resolution}")
+        if self.object_weight < 0:
+            raise ConfigError("object_weight", f"must be >= 0, got {self.object_weight}")
         if self.heldout_images < 0:
             raise ConfigError("heldout_images", f"must be >= 0 (0: no held-out measure), got {self.heldout_images}")
 

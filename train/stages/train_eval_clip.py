@@ -107,40 +107,48 @@ def _normalize(pixels: torch.Tensor) -> torch.Tensor:
 def train_judges(clip: open_clip.CLIP, probe: AttributeProbe, data: JudgeData, tokens: torch.Tensor,
                  tc: TrainEvalClipConfig, metrics: MetricsLogger, *, seed: int, log_every: int,
                  show_progress: bool) -> dict[str, float]:
-    """Both judges, ``tc.steps`` steps each on the same batches (a fresh permutation per epoch).
-    Returns the mean losses of the last 10 steps."""
+    """The CLIP for ``tc.steps`` steps and the probe for ``tc.probe.steps`` (null: the same), on the
+    same batches (a fresh permutation per epoch). Returns the mean losses of each judge's last 10 steps."""
     device = next(clip.parameters()).device
     contrastive = open_clip.ClipLoss()
+    steps = {"clip_loss": tc.steps, "probe_loss": tc.probe.steps or tc.steps}
     optimizers = [build_optimizer(m.parameters(), tc.optimizer) for m in (clip, probe)]
-    schedulers = [build_scheduler(o, tc.optimizer, tc.steps) for o in optimizers]
+    schedulers = [build_scheduler(o, tc.optimizer, n) for o, n in zip(optimizers, steps.values())]
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     recent: dict[str, list[float]] = {"clip_loss": [], "probe_loss": []}
     clip.train(), probe.train()
-    for step in progress(range(1, tc.steps + 1), desc=STAGE, unit="step", enabled=show_progress):
+    total = max(steps.values())
+    for step in progress(range(1, total + 1), desc=STAGE, unit="step", enabled=show_progress):
         if len(order) < tc.global_batch_size:
             order = torch.randperm(len(data), generator=generator)
         batch, order = order[: tc.global_batch_size], order[tc.global_batch_size:]
-        image_features, text_features, scale = clip(_normalize(data.clip_pixels[batch].to(device)),
-                                                    tokens[batch].to(device))  # (B, D) each, normalised
-        probe_pixels = data.probe_pixels[batch].to(device).float() / 255
-        probe_targets = {name: data.targets[name][batch].to(device) for name in probe.spec.attributes}
-        if tc.probe.hflip:
-            flip = (torch.rand(len(batch), generator=generator) < 0.5).to(device)
-            probe_pixels, probe_targets = mirror_scenes(probe_pixels, probe_targets, flip)
-        losses = {"clip_loss": contrastive(image_features, text_features, scale),
-                  "probe_loss": probe_loss(probe(probe_pixels), probe_targets)}
-        for model, optimizer, scheduler, loss in zip((clip, probe), optimizers, schedulers, losses.values()):
+        flip = (torch.rand(len(batch), generator=generator) < 0.5).to(device) if tc.probe.hflip else None
+        losses = {}
+        if step <= steps["clip_loss"]:
+            image_features, text_features, scale = clip(_normalize(data.clip_pixels[batch].to(device)),
+                                                        tokens[batch].to(device))  # (B, D) each, normalised
+            losses["clip_loss"] = contrastive(image_features, text_features, scale)
+        if step <= steps["probe_loss"]:
+            probe_pixels = data.probe_pixels[batch].to(device).float() / 255
+            probe_targets = {name: data.targets[name][batch].to(device) for name in probe.spec.attributes}
+            if flip is not None:
+                probe_pixels, probe_targets = mirror_scenes(probe_pixels, probe_targets, flip)
+            losses["probe_loss"] = probe_loss(probe(probe_pixels), probe_targets)
+        for model, optimizer, scheduler, name in zip((clip, probe), optimizers, schedulers, steps):
+            if name not in losses:
+                continue
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses[name].backward()
             if tc.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
         for name, loss in losses.items():
             recent[name] = (recent[name] + [loss.item()])[-10:]
-        if step % log_every == 0 or step == tc.steps:
-            metrics.log(step, {**{k: v[-1] for k, v in recent.items()}, "lr": schedulers[0].get_last_lr()[0]})
+        if step % log_every == 0 or step == total:
+            metrics.log(step, {**{name: recent[name][-1] for name in losses},  # the judges still training
+                               "lr": schedulers[0].get_last_lr()[0]})
     clip.eval(), probe.eval()
     return {name: round(sum(v) / len(v), 4) for name, v in recent.items()}
 
@@ -243,6 +251,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
              c["retrieval_candidates"], c["image_to_text_top1"], c["text_to_image_top1"], c["chance"],
              c["clip_score_matched"], c["clip_score_mismatched"], p["accuracy"], p["majority_baseline"])
     summary = {"train_scenes": len(train), "rendered_scenes": rendered, "test_images": len(test), "steps": tc.steps,
+               "probe_steps": tc.probe.steps or tc.steps,
                **losses, **{k if k.startswith("clip_") else f"clip_{k}": v for k, v in c.items()},
                **{f"probe_{k}": v for k, v in p["accuracy"].items()},
                **{f"probe_majority_{k}": v for k, v in p["majority_baseline"].items()},

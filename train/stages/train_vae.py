@@ -67,7 +67,8 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     log = start_logs(settings, rt)
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = VaeTraining(_build(cfg.vae), tv.kl_weight, tv.reconstruction_loss, tv.sample_posterior)
+    model = VaeTraining(_build(cfg.vae), tv.kl_weight, tv.reconstruction_loss, tv.sample_posterior,
+                        tv.object_weight)
     optimizer = build_optimizer(model.parameters(), tv.optimizer)
     scheduler = build_scheduler(optimizer, tv.optimizer, tv.steps)
     model, optimizer = rt.prepare(model, optimizer)
