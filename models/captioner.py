@@ -147,8 +147,13 @@ class CaptionerTraining(torch.nn.Module):
         Returns {"loss", "contrastive", "caption"} (weighted, as CoCaLoss computes them).
         """
         image_latent, image_embs = self.coca._encode_image(images)  # (B, D), (B, N, W)
-        text_latent, token_embs = self.coca._encode_text(texts)  # (B, D), (B, context, W)
         length = int((texts == self.eot_id).int().argmax(dim=1).max()) + 1  # SOT .. EOT of the longest caption
+        # Without the contrastive term the text tower only feeds the decoder, whose tokens are causal:
+        # the padding after the longest caption changes none of them, so it is not computed (a short
+        # SSC caption is ~10 of 76 positions). The contrastive term needs the whole context: the
+        # CLS token at its end is the text embedding.
+        encoded = texts if self.loss.clip_loss_weight else texts[:, :length]
+        text_latent, token_embs = self.coca._encode_text(encoded)  # (B, D), (B, context or length, W)
         logits = self.coca.text_decoder(image_embs, token_embs[:, : length - 1])  # (B, length-1, vocab)
         contrastive, caption = self.loss(image_latent, text_latent, logits, texts[:, 1:length],
                                          self.coca.logit_scale.exp())

@@ -42,18 +42,22 @@ def test_invalid_architecture_and_missing_checkpoint_are_clear() -> None:
         build_captioner("ViT-B-32")
 
 
-def test_short_decoder_loss_equals_open_clip_full_forward(coca: open_clip.CoCa) -> None:
-    """Our forward (decoder cut to the longest caption, contiguous cross-entropy) gives
-    open_clip's CoCaLoss over its own full-context forward: same values, same gradients."""
+@pytest.mark.parametrize("contrastive_weight", [1.0, 0.0])
+def test_short_decoder_loss_equals_open_clip_full_forward(coca: open_clip.CoCa, contrastive_weight: float) -> None:
+    """Our forward (decoder cut to the longest caption, contiguous cross-entropy; without the
+    contrastive term the text tower cut too) gives open_clip's CoCaLoss over its own full-context
+    forward: same values, same gradients."""
     texts = tokenizer(coca)(CAPTIONS)
     assert texts.shape == (4, 76) and (texts[:, 0] == SOT_ID).all() and (texts == EOT_ID).sum() == 4
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    ours = CaptionerTraining(coca, caption_loss(contrastive_weight=1.0, caption_weight=2.0))(images, texts)
+    coca.zero_grad()  # the fixture is shared
+    ours = CaptionerTraining(coca, caption_loss(contrastive_weight=contrastive_weight, caption_weight=2.0))(images,
+                                                                                                         texts)
     ours["loss"].backward()
     our_grads = {n: p.grad.clone() for n, p in coca.named_parameters() if p.grad is not None}
     coca.zero_grad()
     full = coca(images, texts)  # open_clip's own forward over the whole context
-    reference = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)
+    reference = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=contrastive_weight, pad_id=0)
     contrastive, caption = reference(full["image_features"], full["text_features"], full["logits"], full["labels"],
                                      full["logit_scale"])
     (contrastive + caption).backward()
