@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from tests.helpers import export_tiny_pipeline, run_stage
-from train.stages.sweep_report import aggregate, collect, metric_columns, table
+from train.stages.sweep_report import aggregate, collect, metric_columns, split_constant, table
 from train.config.typed import ConfigError
 
 POINTS = {0: (0.95, 61.0, 70.5, 0.80), 1: (0.0, 60.0, 55.25, 0.30), 2: (0.5, 60.5, 66.0, 0.65)}
@@ -63,6 +63,18 @@ def test_points_of_one_value_with_several_seeds_become_one_row_with_their_range(
     lines = table(rows, "caption_mix.dsc", columns).splitlines()
     assert lines[2] == "| 0 | 2 | 0.35 (0.3-0.4) | 56.25 (55.25-57.25) | 60 (60-60) | 32 (32-32) |"
     assert lines[3] == "| 0.5 | 1 | 0.65 | 66 | 60.5 | 32 |"
+    # samples is 32 at every point: listed once, not as a column; clip_score_txt varies (60.5 at 0.5)
+    varying, constant = split_constant(rows, columns)
+    assert varying == ["attribute_accuracy", "clip_score_dsc", "clip_score_txt"] and constant == {"samples": 32}
+    assert split_constant(rows[:1], columns) == (columns, {})  # one row: nothing to compare with
+
+
+def test_stage_lists_metrics_equal_at_every_point_under_the_table(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path)
+    run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={sweep}", "logger.wandb.mode=disabled"])
+    text = (tmp_path / "toy" / "sweep_report" / "sweep.md").read_text()
+    assert "| caption_mix.dsc | n | attribute_accuracy | clip_score_dsc | clip_score_txt |\n" in text
+    assert "The same at every point: samples 32" in text
 
 
 def test_stage_writes_table_json_and_plot(tmp_path: Path) -> None:

@@ -82,6 +82,18 @@ def aggregate(points: list[dict[str, Any]], x: str, columns: list[str]) -> list[
     return rows
 
 
+def split_constant(rows: list[dict[str, Any]], columns: list[str]) -> tuple[list[str], dict[str, float]]:
+    """(the columns that vary between points, {column: value} of those with one value at every
+    point: the real images' scores, the sample count, the image size). With one row every column
+    is kept: nothing to compare it with."""
+    if len(rows) < 2:
+        return columns, {}
+    first = rows[0]
+    constant = {c: first[c]["min"] for c in columns
+                if all(r[c]["min"] == r[c]["max"] == first[c]["min"] for r in rows)}
+    return [c for c in columns if c not in constant], constant
+
+
 def table(rows: list[dict[str, Any]], x: str, columns: list[str]) -> str:
     """Markdown: a row per value of ``x``; a cell is the mean, with (min-max) when n > 1."""
     def cell(stats: dict[str, float], n: int) -> str:
@@ -154,7 +166,10 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     write_config_snapshot(run_dir, cfg)
     columns = metric_columns(points, r.x)
     rows = aggregate(points, r.x, columns)
-    markdown = table(rows, r.x, columns)
+    varying, constant = split_constant(rows, columns)
+    markdown = table(rows, r.x, varying)
+    if constant:
+        markdown += "\n\nThe same at every point: " + ", ".join(f"{c} {v:.4g}" for c, v in constant.items())
     lacking = [str(p) for p in (first_pipeline(sweep, row) for row in rows) if not (p / "model_index.json").is_file()]
     draw = bool(r.prompts) and not lacking
     if r.prompts and lacking:
@@ -164,7 +179,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                                       + (f"\nPoints without an evaluation: {', '.join(missing)}\n" if missing else ""))
     (run_dir / "sweep.json").write_text(json.dumps({"x": r.x, "points": points, "by_x": rows, "missing": missing},
                                                    indent=2) + "\n")
-    plot(rows, r.x, columns, run_dir / "sweep.png")
+    plot(rows, r.x, varying, run_dir / "sweep.png")
     if draw:
         side_by_side(sweep, rows, r.x, r, inference_placement(cfg.runtime)[0]).save(run_dir / GRID_FILE)
     log.info("sweep over %s, %d point(s):\n%s", r.x, len(points), markdown)
