@@ -147,8 +147,9 @@ def train_judges(clip: open_clip.CLIP, probe: AttributeProbe, data: JudgeData, t
         for name, loss in losses.items():
             recent[name] = (recent[name] + [loss.item()])[-10:]
         if step % log_every == 0 or step == total:
-            metrics.log(step, {**{name: recent[name][-1] for name in losses},  # the judges still training
-                               "lr": schedulers[0].get_last_lr()[0]})
+            first = list(steps).index(next(iter(losses)))  # the first judge still training gives the lr
+            metrics.log(step, {**{name: recent[name][-1] for name in losses},
+                               "lr": schedulers[first].get_last_lr()[0]})
     clip.eval(), probe.eval()
     return {name: round(sum(v) / len(v), 4) for name, v in recent.items()}
 
