@@ -29,7 +29,7 @@ from data_pipeline import shard_io
 from data_pipeline.options import ReaderOptions
 from data_pipeline.samples import SampleSpec, decode_sample
 from data_pipeline.seeding import derive_seed
-from data_pipeline.workers import die_with_parent, leave_signals_to_parent
+from data_pipeline.workers import die_with_parent, leave_signals_to_parent, worker_context
 
 STATE_VERSION = 1
 MAX_FAULT_EXAMPLES = 5
@@ -238,6 +238,10 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def _identity(sample: dict[str, Any]) -> dict[str, Any]:
+    return sample
+
+
 class ShardReader:
     """Batches from shards, split by rank and worker, resumable with state_dict/load_state_dict.
 
@@ -256,7 +260,7 @@ class ShardReader:
 
     def __init__(self, shards: str | Sequence[str], *, spec: SampleSpec, options: ReaderOptions, batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, epochs: int | None = None,
-                 transform: Callable[[dict[str, Any]], Any] = lambda s: s,
+                 transform: Callable[[dict[str, Any]], Any] = _identity,
                  collate: Callable[[list[Any]], Any] = default_collate, drop_last: bool = False) -> None:
         urls = shard_io.list_shards(shards)
         self.options = options
@@ -291,6 +295,7 @@ class ShardReader:
         loader = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=workers,
                             worker_init_fn=_seed_worker,
                             prefetch_factor=self.options.prefetch_factor if workers else None,
+                            multiprocessing_context=worker_context() if workers else None,
                             generator=torch.Generator().manual_seed(ds.seed))  # never draws from the global RNG
         for batch, meta in loader:
             self._positions[meta["worker"]] = meta["state"]

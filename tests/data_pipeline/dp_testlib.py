@@ -7,6 +7,7 @@ and the raw metadata of a shard directory read straight from the tar files (no r
 from __future__ import annotations
 
 import io
+import os
 import json
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -144,3 +145,8 @@ def fault_shard(path: Path) -> tuple[Path, dict[str, str]]:
     full.unlink()
     return path, {"k1": UNDECODABLE_IMAGE, "k2": EMPTY_IMAGE, "k0": DUPLICATE_KEY,
                   "k4": MISSING_IMAGE, "k5": BAD_JSON, "k7": TRUNCATED_TAR}
+
+
+def pid_collate(batch: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(worker pid, its parent's pid) per sample: which process read it, and who started that process."""
+    return [(os.getpid(), os.getppid()) for _ in batch]

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from data_pipeline.seeding import derive_seed
+from data_pipeline.workers import set_worker_start_method
 from train.config.execution import RuntimeConfig
 from train.config.typed import ConfigError
 from train.runtime.environment import launched_world_size
@@ -338,6 +339,7 @@ class Runtime:
         self.accelerator.end_training()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        set_worker_start_method(None)
         # accelerate keeps one shared state per process and offers no public reset; its own
         # test-suite uses these. Without them a second Accelerator inherits the first's plugin.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -373,6 +375,8 @@ def start_runtime(options: RuntimeConfig, *, micro_batch_size: int, grad_accum: 
     if world > 1 or plugin is not None:  # an explicit backend makes accelerate start a process group
         handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
                                                timeout=timedelta(seconds=options.timeout_s)))
+        # the process group's threads make a plain fork unsafe (data_pipeline/workers.py)
+        set_worker_start_method("forkserver")
     # accelerate ignores a DeepSpeed plugin when cpu=True; without a GPU it picks the CPU anyway.
     accelerator = Accelerator(cpu=not cuda and plugin is None, mixed_precision="bf16" if bf16 else "no",
                               deepspeed_plugin=plugin, kwargs_handlers=handlers)

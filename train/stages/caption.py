@@ -10,9 +10,10 @@ Reads: caption (captioner, input, output, batch_size, limit, decoding), data.rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,13 @@ def _batches(spec: str, transform: Any, batch_size: int,
     options = dataclasses.replace(options, num_workers=min(options.num_workers, len(shards)))
     reader = ShardReader(spec, spec=SampleSpec(GroundTruthAccess.NONE, image=True), options=options,
                          batch_size=batch_size, seed=0, epochs=1, collate=list,
-                         transform=lambda s: (s["__key__"], transform(s["image"])))
+                         transform=functools.partial(_keyed_image, transform))
     for items in reader:
         yield [k for k, _ in items], torch.stack([img for _, img in items])
+
+
+def _keyed_image(transform: Callable[[Image.Image], torch.Tensor], sample: dict[str, Any]) -> tuple[str, torch.Tensor]:
+    return sample["__key__"], transform(sample["image"])
 
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
