@@ -110,7 +110,7 @@ def _failure(key: str | None, reason: str, detail: str = "", offset: int | None 
     return {"key": key, "reason": reason, "detail": detail, "offset": offset}
 
 
-def _check_image(raw: shard_io.RawSample) -> tuple[Any, dict[str, Any] | None]:
+def _check_image(raw: shard_io.RawSample, max_pixels: int) -> tuple[Any, dict[str, Any] | None]:
     """(PIL image, None) or (None, failure) for one sample group."""
     if raw.fault:
         detail = "a later group with a key seen before in this shard" if raw.fault == shard_io.DUPLICATE_KEY \
@@ -124,7 +124,9 @@ def _check_image(raw: shard_io.RawSample) -> tuple[Any, dict[str, Any] | None]:
     if "json" in raw.members and shard_io.decode_json(raw.members["json"]) is None:
         return None, _failure(raw.key, shard_io.BAD_JSON, f"{raw.key}.json is not a JSON object", raw.offset)
     try:
-        return shard_io.decode_image(raw.members[ext]), None
+        return shard_io.decode_image(raw.members[ext], max_pixels), None
+    except shard_io.ImageTooLarge as exc:
+        return None, _failure(raw.key, shard_io.IMAGE_TOO_LARGE, str(exc)[:200], raw.offset)
     except ValueError as exc:
         return None, _failure(raw.key, shard_io.UNDECODABLE_IMAGE, str(exc)[:200], raw.offset)
 
@@ -147,9 +149,11 @@ class ShardBatches(IterableDataset):
     """
 
     def __init__(self, tasks: Sequence[ShardTask], transforms: dict[str, Callable[[Any], Any]],
-                 batch_size: int, collate: Callable[[list[Any]], Any] = torch.stack) -> None:
+                 batch_size: int, collate: Callable[[list[Any]], Any] = torch.stack,
+                 max_image_pixels: int = shard_io.DEFAULT_MAX_IMAGE_PIXELS) -> None:
         super().__init__()
         self.tasks, self.transforms, self.batch_size, self.collate = list(tasks), transforms, batch_size, collate
+        self.max_image_pixels = max_image_pixels
 
     def __iter__(self) -> Iterator[ShardBatch]:
         info = get_worker_info()
@@ -180,7 +184,7 @@ class ShardBatches(IterableDataset):
                         batch, pil = ShardBatch(task, number), []
                     batch.copied.append((raw.key, previous.pop(raw.key)))
                     continue
-                image, failure = _check_image(raw)
+                image, failure = _check_image(raw, self.max_image_pixels)
                 if failure is not None:
                     batch.failures.append(failure)
                     continue
@@ -200,10 +204,12 @@ class ShardBatches(IterableDataset):
 
 
 def batch_loader(tasks: Sequence[ShardTask], transforms: dict[str, Callable[[Any], Any]], *,
-                 batch_size: int, num_workers: int, collate: Callable[[list[Any]], Any] = torch.stack) -> DataLoader:
+                 batch_size: int, num_workers: int, collate: Callable[[list[Any]], Any] = torch.stack,
+                 max_image_pixels: int = shard_io.DEFAULT_MAX_IMAGE_PIXELS) -> DataLoader:
     """A DataLoader over ``ShardBatches``: decoding and preprocessing happen in its workers."""
     workers = min(num_workers, len(tasks))
-    return DataLoader(ShardBatches(tasks, transforms, batch_size, collate), batch_size=None, num_workers=workers,
+    return DataLoader(ShardBatches(tasks, transforms, batch_size, collate, max_image_pixels), batch_size=None,
+                      num_workers=workers,
                       prefetch_factor=4 if workers else None, worker_init_fn=_init_worker if workers else None)
 
 

@@ -47,7 +47,8 @@ def _text(source: str, members: dict[str, bytes], meta: dict[str, Any]) -> str |
     return None if data is None else shard_io.decode_text(data)
 
 
-def decode_sample(raw: shard_io.RawSample, spec: SampleSpec) -> dict[str, Any] | str:
+def decode_sample(raw: shard_io.RawSample, spec: SampleSpec,
+                  max_image_pixels: int = shard_io.DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any] | str:
     """Decode ``raw`` per ``spec``: a dict with ``__key__``, ``json`` (filtered metadata),
     ``image`` and one entry per text source; or the skip reason (a shard_io fault or
     NOT_CURATED). Cheap checks run before the image is decoded.
@@ -86,7 +87,9 @@ def decode_sample(raw: shard_io.RawSample, spec: SampleSpec) -> dict[str, Any] |
         if not visible[ext]:
             return shard_io.EMPTY_IMAGE
         try:
-            sample["image"] = shard_io.decode_image(visible[ext])
+            sample["image"] = shard_io.decode_image(visible[ext], max_image_pixels)
+        except shard_io.ImageTooLarge:
+            return shard_io.IMAGE_TOO_LARGE
         except ValueError:
             return shard_io.UNDECODABLE_IMAGE
     return sample

@@ -23,6 +23,8 @@ from typing import IO, Any
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from data_pipeline.options import DEFAULT_MAX_IMAGE_PIXELS
+
 # Reasons a sample is skipped; each is counted separately (stage summaries, logs, tests).
 TRUNCATED_TAR = "truncated_tar"  # the shard ends inside a member (counted once per shard)
 UNREADABLE_SHARD = "unreadable_shard"  # the shard cannot be opened at all
@@ -30,12 +32,13 @@ DUPLICATE_KEY = "duplicate_key"  # a key (or a member of a sample) seen before i
 MISSING_IMAGE = "missing_image"
 EMPTY_IMAGE = "empty_image"  # zero-byte image member
 UNDECODABLE_IMAGE = "undecodable_image"
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than data.reader.max_image_pixels (a decompression bomb)
 MISSING_CAPTION = "missing_caption"
 MISSING_MEMBER = "missing_member"  # a binary member the stage needs (a cache entry) is absent
 EMPTY_CAPTION = "empty_caption"
 BAD_JSON = "bad_json"
 FAULT_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD, DUPLICATE_KEY, MISSING_IMAGE, EMPTY_IMAGE, UNDECODABLE_IMAGE,
-                 MISSING_CAPTION, EMPTY_CAPTION, BAD_JSON)
+                 IMAGE_TOO_LARGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_JSON)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 
@@ -216,21 +219,53 @@ def decode_json(data: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def decode_image(data: bytes) -> Any:
+class ImageTooLarge(ValueError):
+    """The image has more pixels than the limit (decoding it could exhaust memory)."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Any:
     """PIL RGB image, fully decoded (a truncated JPEG fails here, not later in a transform).
 
-    Raises ValueError with the decoder's reason when the bytes are not a readable image.
+    Raises ImageTooLarge when the header announces more than ``max_pixels`` pixels (checked
+    before decoding; PIL itself refuses anything above twice its Image.MAX_IMAGE_PIXELS), and
+    ValueError with the decoder's reason when the bytes are not a readable image. 16-bit
+    greyscale is scaled to 8 bits (PIL's convert would clip it: a 61% grey became white).
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageTooLarge(f"{width}x{height} = {width * height} pixels, more than the limit "
+                                        f"{max_pixels} (data.reader.max_image_pixels)")
+                img.load()
+                return _to_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageTooLarge):
+            raise
         # PIL names the buffer object (with its address); keep the reason stable across runs.
         reason = _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
         raise ValueError(reason) from None
+
+
+def _to_rgb(img: Any) -> Any:
+    """RGB of a decoded image; 16-bit greyscale (PIL's "I;16*", or "I" for some 16-bit PNGs)
+    scaled from 0-65535 to 0-255."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        import numpy as np
+        from PIL import Image
+
+        values = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
 
 
 class AtomicShardWriter:

@@ -147,7 +147,7 @@ class _Stream:
                 if cursor.whole and not cursor.used:
                     self._no_samples(cursor.shard_id)
                 continue
-            sample = decode_sample(raw, self.r.spec)
+            sample = decode_sample(raw, self.r.spec, self.r.options.max_image_pixels)
             self._sync_open()
             if isinstance(sample, str):
                 self._fault(sample, cursor.name, raw.key)

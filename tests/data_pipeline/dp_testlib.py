@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 import json
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -18,7 +20,7 @@ from PIL import Image
 
 from data_pipeline.ground_truth import GroundTruthAccess
 from data_pipeline.shard_io import (
-    BAD_JSON, DUPLICATE_KEY, EMPTY_IMAGE, MISSING_IMAGE, TRUNCATED_TAR, UNDECODABLE_IMAGE,
+    BAD_JSON, DUPLICATE_KEY, EMPTY_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, TRUNCATED_TAR, UNDECODABLE_IMAGE,
 )
 from data_pipeline.options import ReaderOptions
 from data_pipeline.samples import SampleSpec
@@ -121,6 +123,16 @@ def raw_metadata(shard_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def huge_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A PNG whose header announces width x height pixels (a decompression bomb's header; the
+    file itself is ~60 bytes: nothing may try to decode it)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+
+
 def fault_members() -> list[tuple[str, bytes]]:
     """One sample of every failure kind between good ones (k0, k3, k6, k7), as tar members."""
     return [
@@ -131,6 +143,7 @@ def fault_members() -> list[tuple[str, bytes]]:
         ("k0.txt", b"the same key again"),
         ("k4.txt", b"no image at all"),
         ("k5.jpg", jpeg_bytes()), ("k5.json", b"[1, 2"),
+        ("k8.png", huge_png()), ("k8.txt", b"20000 x 20000"),
         *good_members("k6"),
         *good_members("k7"),
     ]
@@ -144,7 +157,7 @@ def fault_shard(path: Path) -> tuple[Path, dict[str, str]]:
     path.write_bytes(full.read_bytes()[: k7_jpg.offset_data + 40])  # cut inside k7.jpg's data
     full.unlink()
     return path, {"k1": UNDECODABLE_IMAGE, "k2": EMPTY_IMAGE, "k0": DUPLICATE_KEY,
-                  "k4": MISSING_IMAGE, "k5": BAD_JSON, "k7": TRUNCATED_TAR}
+                  "k4": MISSING_IMAGE, "k5": BAD_JSON, "k8": IMAGE_TOO_LARGE, "k7": TRUNCATED_TAR}
 
 
 def pid_collate(batch: list[dict[str, Any]]) -> list[tuple[int, int]]:

@@ -18,11 +18,11 @@ from data_pipeline.ground_truth import GroundTruthAccess
 from data_pipeline.samples import SampleSpec, decode_sample
 from data_pipeline.shard_io import DataError, RawSample
 from dp_testlib import (
-    SPEC_TXT, flat, good_members, jpeg_bytes, json_roundtrip, make_reader, member_layout, take, write_tar,
+    SPEC_TXT, flat, good_members, huge_png, jpeg_bytes, json_roundtrip, make_reader, member_layout, take, write_tar,
 )
 
 EXPECTED_FAULTS = {"undecodable_image": 1, "empty_image": 1, "missing_caption": 1, "empty_caption": 1,
-                   "duplicate_key": 1, "bad_json": 1, "missing_image": 1, "truncated_tar": 1}
+                   "duplicate_key": 1, "bad_json": 1, "missing_image": 1, "image_too_large": 1, "truncated_tar": 1}
 GOOD_KEYS = ["000000", "000002", "000006", "000009", "000010", "000011", "000012"]
 
 
@@ -53,6 +53,7 @@ def fault_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
          *g("000002", "DUPLICATE"),  # duplicate_key (later in the same shard)
          *replaced(g("000007"), "json", b'{"key": "000007",'),  # bad_json
          *without(g("000008"), "jpg"),  # missing_image
+         *[(n.replace(".jpg", ".png"), huge_png()) if n.endswith(".jpg") else (n, d) for n, d in g("000014")],  # too large
          *g("000009")]
     write_tar(d / "00000.tar", a)
     full = write_tar(d / "full_b.tar", [m for k in ("000010", "000011", "000012", "000013") for m in g(k)])
@@ -191,6 +192,9 @@ def test_decode_sample_fields_and_reasons() -> None:
     assert decode_sample(raw({"jpg": jpeg_bytes(), "txt": b" "}), spec) == "empty_caption"
     assert decode_sample(raw({"jpg": b"", "txt": b"x"}), spec) == "empty_image"
     assert decode_sample(raw({"jpg": jpeg_bytes()[:100], "txt": b"x"}), spec) == "undecodable_image"
+    assert decode_sample(raw({"png": huge_png(), "txt": b"x"}), spec) == "image_too_large"  # PIL's own limit
+    assert decode_sample(raw({"jpg": jpeg_bytes(12, 8), "txt": b"x"}), spec, max_image_pixels=96) != "image_too_large"
+    assert decode_sample(raw({"jpg": jpeg_bytes(12, 8), "txt": b"x"}), spec, max_image_pixels=95) == "image_too_large"
     assert set(shard_io.FAULT_REASONS) == {"truncated_tar", "unreadable_shard", *EXPECTED_FAULTS}
 
 
@@ -262,3 +266,20 @@ def test_endless_reader_with_some_good_samples_keeps_going(mostly_bad_shard: str
     keys = flat(take(reader, 6))  # 24 samples: 6 passes over the 4 good ones
     assert sorted(set(keys)) == ["000000", "000001", "000052", "000053"] and len(keys) == 24
     assert reader.fault_counts()["undecodable_image"] >= 250
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    values = np.array([[0, 257 * 61, 257 * 156, 65535]], dtype=np.uint16)  # 0, 61, 156, 255 in 8 bits
+    data = io.BytesIO()
+    Image.fromarray(values).save(data, format="PNG")
+    assert Image.open(io.BytesIO(data.getvalue())).mode.startswith("I")  # what PIL gives a 16-bit PNG
+    decoded = np.asarray(shard_io.decode_image(data.getvalue()))
+    assert decoded.shape == (1, 4, 3)
+    assert decoded[0, :, 0].tolist() == [0, 61, 156, 255] and (decoded == decoded[..., :1]).all()
+    clipped = np.asarray(Image.open(io.BytesIO(data.getvalue())).convert("RGB"))  # PIL's own convert: the control
+    assert clipped[0, :, 0].tolist() == [0, 255, 255, 255]

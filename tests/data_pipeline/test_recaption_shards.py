@@ -56,7 +56,7 @@ def test_every_key_is_written_or_failed_with_its_reason(tmp_path: Path) -> None:
     failures = {f["key"]: f["reason"] for b in batches for f in b.failures}
     assert written == ["k0", "k3", "k6"]
     assert failures == expected
-    assert [b.last for b in batches] == [False, True] and batches[-1].input_samples == 9
+    assert [b.last for b in batches] == [False, True] and batches[-1].input_samples == 10
     assert [b.number for b in batches] == [0, 1]
     duplicate = next(f for b in batches for f in b.failures if f["reason"] == shard_io.DUPLICATE_KEY)
     assert duplicate["offset"] == 4  # the later group; the first k0 is the one written

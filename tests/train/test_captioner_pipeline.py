@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from data_pipeline.caption_tokenizer import train_captioner_tokenizer
+from tests.data_pipeline.dp_testlib import huge_png
 from tests.helpers import logged_losses, run_recap, run_stage
 from train.config.loading import load_experiment
 from train.config.typed import ConfigError
@@ -68,9 +69,14 @@ def test_captioner_stages_end_to_end(toy_data: Path, tmp_path: Path) -> None:
     images.mkdir()
     for i, size in enumerate([(64, 64), (128, 64), (48, 96)]):
         Image.new("RGB", size, (40 * i, 100, 200)).save(images / f"img{i}.png")
+    (images / "bomb.png").write_bytes(huge_png())  # a 20000 x 20000 header: skipped before decoding
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = _ok(["caption", *common, f"caption.input={images}", "caption.decoding.max_length=12"])
-    lines = [line for line in out.splitlines() if line.startswith(str(images))]
+    lines = [line for line in out.splitlines() if line.startswith(str(images)) and "\t" in line]
     assert [line.split("\t")[0] for line in lines] == [str(images / f"img{i}.png") for i in range(3)]
+    summary = json.loads((root / "toy" / "caption" / "summary.json").read_text())
+    assert summary["images"] == 3 and summary["skipped_by_reason"] == {"image_too_large": 1, "undecodable_image": 1}
+    assert "skipped 2 images: image_too_large=1, undecodable_image=1" in out and "Traceback" not in out
     jsonl = tmp_path / "captions.jsonl"
     _ok(["caption", *common, f"caption.input={toy_data}/heldout", f"caption.output={jsonl}", "caption.limit=5",
          "caption.decoding.strategy=beam", "caption.decoding.num_beams=2", "caption.decoding.max_length=12"])

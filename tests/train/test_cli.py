@@ -160,7 +160,7 @@ def _check_error(overrides: list[str]) -> ConfigError:
          "options: ddp, single, zero1, zero2, zero3"),
         (["train_vae.optimizer.lr=0"], "train_vae.optimizer.lr", "must be > 0, got 0.0"),
         (["+data.reader.extra=1"], "data.reader.extra",
-         "unknown key; valid keys here: fault_check_after, max_fault_fraction, num_workers, open_shards, "
+         "unknown key; valid keys here: fault_check_after, max_fault_fraction, max_image_pixels, num_workers, open_shards, "
          "prefetch_factor, shuffle, strict"),
         (["x"], "", "cannot parse override 'x': missing EQUAL at '<EOF>'; use key=value, and quote values with "
                     "braces, commas or colons (data.train='/data/{00000..00099}.tar')"),

@@ -28,7 +28,7 @@ from train.config.typed import ConfigError
 pytestmark = pytest.mark.slow
 TOY_SHARDS, TOY_SAMPLES = 8, 16  # tests/conftest.py SMALL_TOY
 FAULTS = {"bad_json": 1, "duplicate_key": 1, "empty_image": 1, "missing_image": 1, "truncated_tar": 1,
-          "undecodable_image": 1}
+          "undecodable_image": 1, "image_too_large": 1}
 TIMING = ("seconds", "images_per_s")
 
 
@@ -222,8 +222,9 @@ def test_only_failures_redoes_just_the_failed_keys(setup: Setup, reference: Path
     before = dict(read_members(out / "fault.tar"))
     setup.run_here(out, f"recaption.input={fixed_input}", "recaption.only_failures=true")
     stats = rc.read_stats(out / "fault.tar")
-    assert (stats["copied_from_previous"], stats["captioned"], stats["input_samples"]) == (3, 2, 9)
-    assert stats["failures_by_reason"] == {"bad_json": 1, "duplicate_key": 1, "empty_image": 1, "missing_image": 1}
+    assert (stats["copied_from_previous"], stats["captioned"], stats["input_samples"]) == (3, 2, 10)
+    assert stats["failures_by_reason"] == {"bad_json": 1, "duplicate_key": 1, "empty_image": 1, "missing_image": 1,
+                                           "image_too_large": 1}
     after = read_members(out / "fault.tar")
     assert [n for n, _ in after if n.endswith(".jpg")] == ["k0.jpg", "k1.jpg", "k3.jpg", "k6.jpg", "k7.jpg"]
     assert all(before[n] == d for n, d in after if n[:2] not in ("k1", "k7"))  # copied byte-for-byte

@@ -128,12 +128,12 @@ class _Features:
 
 
 def _write_shards(job: ShardJob, tasks: list[shards.ShardTask], features: _Features, c: CacheConfig, *, vae: str,
-                  text_encoder: str, bar: Any) -> tuple[Counter, Counter]:
+                  text_encoder: str, max_image_pixels: int, bar: Any) -> tuple[Counter, Counter]:
     """Cache and write every task's shard; returns (totals, failures by reason)."""
     lineage = {"rank": job.rank, "world_size": job.world, "vae": vae, "resolutions": sorted(features.tables),
                "keys": features.keys, "dtype": c.dtype, "text_encoder": text_encoder}
     loader = shards.batch_loader(tasks, features.transforms, batch_size=c.batch_size, num_workers=c.num_workers,
-                                 collate=_as_list)
+                                 collate=_as_list, max_image_pixels=max_image_pixels)
     return job.write_all(loader, features, lineage, bar=bar, total_tasks=len(tasks))
 
 
@@ -159,6 +159,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     bar = progress(desc=job.label, unit="img", total=expected_samples(tasks),
                    enabled=cfg.logger.progress and job.console)
     totals, reasons = _write_shards(job, tasks, features, c, vae=cfg.train_t2i.vae, bar=bar,
+                                    max_image_pixels=cfg.data.reader.max_image_pixels,
                                     text_encoder=cfg.text_encoder.pretrained or "architecture")
     seconds = time.perf_counter() - start
     summary = {"rank": rank, "world_size": world, "input_shards": len(urls), "shards_written": totals["shards"],

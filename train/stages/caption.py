@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from PIL import Image
 from data_pipeline.ground_truth import GroundTruthAccess
 from data_pipeline.options import ReaderOptions
 from data_pipeline.samples import SampleSpec
-from data_pipeline.shard_io import NoShardsError, list_shards
+from data_pipeline.shard_io import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE, ImageTooLarge, NoShardsError, decode_image, list_shards
 from data_pipeline.shard_reader import ShardReader
 from models.caption_decoding import decode_text, generate_tokens
 from models.captioner import image_transform
@@ -33,6 +35,7 @@ from train.config.typed import ConfigError
 from train.captioning.exported import load_captioner
 from train.runtime.placement import inference_placement
 
+log = logging.getLogger("recap")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -46,16 +49,28 @@ def _image_files(path: Path) -> list[Path] | None:
     return None  # not images: shards
 
 
-def _batches(spec: str, transform: Any, batch_size: int,
-             options: ReaderOptions) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(keys, images (B, 3, S, S)) from a folder, an image file or shards."""
+def _batches(spec: str, transform: Any, batch_size: int, options: ReaderOptions,
+             skipped: Counter) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(keys, images (B, 3, S, S)) from a folder, an image file or shards; images that cannot be
+    read are counted in ``skipped`` by reason (and logged), never captioned."""
     files = _image_files(Path(spec))
     if files is not None:
         if not files:
             raise ConfigError("caption.input", f"{spec} has no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
         for i in range(0, len(files), batch_size):
-            chunk = files[i : i + batch_size]
-            yield [str(p) for p in chunk], torch.stack([transform(Image.open(p).convert("RGB")) for p in chunk])
+            keys, images = [], []
+            for path in files[i : i + batch_size]:
+                try:
+                    images.append(transform(decode_image(path.read_bytes(), options.max_image_pixels)))
+                    keys.append(str(path))
+                except ImageTooLarge as exc:
+                    skipped[IMAGE_TOO_LARGE] += 1
+                    log.warning("skipped %s: %s: %s", path, IMAGE_TOO_LARGE, exc)
+                except (OSError, ValueError) as exc:
+                    skipped[UNDECODABLE_IMAGE] += 1
+                    log.warning("skipped %s: %s: %s", path, UNDECODABLE_IMAGE, exc)
+            if keys:
+                yield keys, torch.stack(images)
         return
     try:
         shards = list_shards(spec)
@@ -67,6 +82,7 @@ def _batches(spec: str, transform: Any, batch_size: int,
                          transform=functools.partial(_keyed_image, transform))
     for items in reader:
         yield [k for k, _ in items], torch.stack([img for _, img in items])
+    skipped.update(reader.fault_counts())
 
 
 def _keyed_image(transform: Callable[[Image.Image], torch.Tensor], sample: dict[str, Any]) -> tuple[str, torch.Tensor]:
@@ -87,7 +103,8 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     out = open(c.output, "w") if c.output else None
     count, tokens, start = 0, 0, time.perf_counter()
     bar = progress(desc="caption", unit="img", enabled=cfg.logger.progress and out is not None)
-    for keys, images in _batches(c.input, transform, c.batch_size, cfg.data.reader):
+    skipped: Counter = Counter()
+    for keys, images in _batches(c.input, transform, c.batch_size, cfg.data.reader, skipped):
         keys, images = keys[: (c.limit - count) if c.limit else None], images[: (c.limit - count) if c.limit else None]
         for key, ids in zip(keys, generate_tokens(model, images.to(device), c.decoding, **tok.generation_ids())):
             text = decode_text(ids, tok)
@@ -105,7 +122,10 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         out.close()
     seconds = time.perf_counter() - start
     summary = {"images": count, "tokens": tokens, "images_per_s": round(count / seconds, 2) if count else 0.0,
-               "captioner": c.captioner, "output": c.output, "strategy": c.decoding.strategy}
+               "captioner": c.captioner, "output": c.output, "strategy": c.decoding.strategy,
+               "skipped_by_reason": dict(sorted(skipped.items()))}
     finish_stage(run_dir, "caption", summary)
     log.info("captioned %d images (%d tokens) in %.1f s", count, tokens, seconds)
+    if skipped:
+        log.warning("skipped %d images: %s", sum(skipped.values()), ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     return summary

@@ -124,9 +124,10 @@ class _Captioners:
 
 
 def _write_shards(job: ShardJob, tasks: list[shards.ShardTask], captioners: _Captioners, r: RecaptionConfig, *,
-                  bar: Any) -> tuple[Counter, Counter]:
+                  max_image_pixels: int, bar: Any) -> tuple[Counter, Counter]:
     """Caption and write every task's shard; returns (totals, failures by reason)."""
-    loader = shards.batch_loader(tasks, captioners.transforms, batch_size=r.batch_size, num_workers=r.num_workers)
+    loader = shards.batch_loader(tasks, captioners.transforms, batch_size=r.batch_size, num_workers=r.num_workers,
+                                 max_image_pixels=max_image_pixels)
 
     def caption(batch: shards.ShardBatch) -> list[dict[str, bytes]]:
         return [shards.with_lineage(members, text, captioners.lineage)
@@ -157,7 +158,8 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     bar = progress(desc=job.label, unit="img", total=expected_samples(tasks),
                    enabled=cfg.logger.progress and job.console)
-    totals, reasons = _write_shards(job, tasks, captioners, r, bar=bar)
+    totals, reasons = _write_shards(job, tasks, captioners, r, max_image_pixels=cfg.data.reader.max_image_pixels,
+                                    bar=bar)
     seconds = time.perf_counter() - start
     summary = {
         "rank": rank, "world_size": world, "input_shards": len(urls),
