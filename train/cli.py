@@ -19,6 +19,7 @@ This file is the contract torchrun, DeepSpeed's launcher, Slurm and `recap pipel
 from __future__ import annotations
 
 import sys
+from typing import TextIO
 
 from train.commands.exit_codes import EXIT_USAGE, fail
 from train.commands.hydra_run import MULTIRUN_FLAGS, checked_args, run_hydra
@@ -27,16 +28,16 @@ from train.commands.stage_table import STAGES
 from train.config.typed import ConfigError, did_you_mean
 
 
-def _print_help() -> None:
+def _print_help(file: TextIO | None = None) -> None:
     width = max(len(name) for name in STAGES)
-    print("usage: recap STAGE [key=value ...] [group=option ...] [-m]\n")
-    print("Reproduce DALL-E 3's better-captions recipe, one stage at a time.\n\nstages:")
-    for name, stage in STAGES.items():
-        print(f"  {name:<{width}}  {stage.summary}")
-    print("\n`recap STAGE --help` lists the config groups; `recap STAGE --cfg job` prints the composed config.")
-    print("`recap launch STAGE ... [--dry-run]` starts a stage with its launcher: torchrun, DeepSpeed, or a Slurm job.")
-    print("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged,")
-    print("            75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command to resume).")
+    lines = ["usage: recap STAGE [key=value ...] [group=option ...] [-m]\n",
+             "Reproduce DALL-E 3's better-captions recipe, one stage at a time.\n\nstages:",
+             *(f"  {name:<{width}}  {stage.summary}" for name, stage in STAGES.items()),
+             "\n`recap STAGE --help` lists the config groups; `recap STAGE --cfg job` prints the composed config.",
+             "`recap launch STAGE ... [--dry-run]` starts a stage with its launcher: torchrun, DeepSpeed, or a Slurm job.",
+             "Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged,",
+             "            75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command to resume)."]
+    print("\n".join(lines), file=file or sys.stdout)
 
 
 def _print_stage_help(name: str) -> None:
@@ -58,7 +59,10 @@ def _print_stage_help(name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `recap`."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:  # a usage error (a script that lost its stage name must not pass): help on stderr
+        _print_help(sys.stderr)
+        return EXIT_USAGE
+    if args[0] in ("-h", "--help", "help"):
         _print_help()
         return 0
     if args[0] == "launch":

@@ -54,10 +54,10 @@ def test_top_level_help_lists_every_stage(workdir):
     assert list(workdir.iterdir()) == []
 
 
-def test_no_arguments_prints_help(capsys):
-    assert main([]) == 0
-    out = capsys.readouterr().out
-    assert all(name in out for name in STAGES)
+def test_no_arguments_prints_help_and_is_a_usage_error(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and all(name in captured.err for name in STAGES)
 
 
 def test_stage_help_lists_groups_and_options(workdir):
