@@ -174,6 +174,8 @@ class ShardBatches(IterableDataset):
             return
         with stream:
             for raw in shard_io.iter_raw_samples(stream, report_cut=True):
+                if raw == shard_io.NOT_A_TAR:
+                    batch.failures.append(_failure(None, shard_io.NOT_A_TAR, "its first 512 bytes are not a tar header"))
                 if isinstance(raw, str):  # TRUNCATED_TAR: the key at the cut was reported just before
                     continue
                 count += 1
@@ -280,18 +282,24 @@ class ShardOutput:
         self.writer.abort()
 
 
+SHARD_FAILURES = (shard_io.UNREADABLE_SHARD, shard_io.NOT_A_TAR)  # nothing of the shard could be read
+
+
 def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]]], extra: dict[str, Any], *,
               bar: Any, total_tasks: int, on_batch: Callable[[int], None] | None = None,
-              on_shard: Callable[[int], None] | None = None) -> tuple[Counter, Counter]:
+              on_shard: Callable[[int], None] | None = None) -> tuple[Counter, Counter, dict[str, str]]:
     """Write every task's output shard from ``loader``'s batches (batches of several shards
     interleave; each shard's come in order). ``process(batch)`` gives each sample's output
     members; ``extra`` goes into every stats file; ``on_batch(n)``/``on_shard(n)`` are
     failpoints after the n-th batch written and between the n-th shard's rename and its stats.
-    Returns (totals: shards, images, copied; failures by reason). An error leaves no partial file.
+    Returns (totals: shards, images, copied; failures by reason; {input shard: "reason: detail"} of
+    the shards that could not be read at all, which are neither written nor marked done, so a
+    rerun tries them again). An error leaves no partial file.
     """
     open_shards: dict[int, ShardOutput] = {}
     totals: Counter = Counter()
     reasons: Counter = Counter()
+    failed: dict[str, str] = {}
     written = 0
     try:
         for batch in loader:
@@ -303,7 +311,13 @@ def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]
             written += 1
             if on_batch is not None:
                 on_batch(written)
-            if batch.last:
+            if batch.last and (lost := [f for f in output.failures if f["reason"] in SHARD_FAILURES]):
+                output.abort()
+                del open_shards[batch.task.index]
+                failed[shard_io.shard_name(batch.task.url)] = f"{lost[0]['reason']}: {lost[0]['detail']}"
+                reasons.update(f["reason"] for f in lost)
+                bar.set_postfix(shards=f"{totals['shards']}/{total_tasks}", failed=sum(reasons.values()))
+            elif batch.last:
                 output.commit_shard()
                 if on_shard is not None:
                     on_shard(totals["shards"] + 1)
@@ -316,7 +330,7 @@ def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]
         for output in open_shards.values():
             output.abort()
         bar.close()
-    return totals, reasons
+    return totals, reasons, failed
 
 
 def expected_samples(url: str) -> int | None:

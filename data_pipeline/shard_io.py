@@ -28,6 +28,7 @@ from data_pipeline.options import DEFAULT_MAX_IMAGE_PIXELS
 # Reasons a sample is skipped; each is counted separately (stage summaries, logs, tests).
 TRUNCATED_TAR = "truncated_tar"  # the shard ends inside a member (counted once per shard)
 UNREADABLE_SHARD = "unreadable_shard"  # the shard cannot be opened at all
+NOT_A_TAR = "not_a_tar"  # not a tar archive from its first byte (a failed download's HTML page, random bytes)
 DUPLICATE_KEY = "duplicate_key"  # a key (or a member of a sample) seen before in this shard
 MISSING_IMAGE = "missing_image"
 EMPTY_IMAGE = "empty_image"  # zero-byte image member
@@ -37,7 +38,7 @@ MISSING_CAPTION = "missing_caption"
 MISSING_MEMBER = "missing_member"  # a binary member the stage needs (a cache entry) is absent
 EMPTY_CAPTION = "empty_caption"
 BAD_JSON = "bad_json"
-FAULT_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD, DUPLICATE_KEY, MISSING_IMAGE, EMPTY_IMAGE, UNDECODABLE_IMAGE,
+FAULT_REASONS = (TRUNCATED_TAR, UNREADABLE_SHARD, NOT_A_TAR, DUPLICATE_KEY, MISSING_IMAGE, EMPTY_IMAGE, UNDECODABLE_IMAGE,
                  IMAGE_TOO_LARGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_JSON)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
@@ -121,7 +122,8 @@ def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None, *,
                      report_cut: bool = False) -> Iterator[RawSample | str]:
     """Group a tar stream's members into samples (consecutive members with the same key).
 
-    Yields RawSample for each group, then the string TRUNCATED_TAR if the tar ends early.
+    Yields RawSample for each group, then the string TRUNCATED_TAR if the tar ends early; only
+    the string NOT_A_TAR when its first 512 bytes are not a tar header.
     Groups whose key appeared earlier in the shard, or that hold the same member twice, come
     with ``fault=DUPLICATE_KEY`` (the first occurrence is kept). ``seen_keys`` is filled in.
     With ``report_cut``, the group open at a cut (complete or not: it cannot be told) is
@@ -149,6 +151,9 @@ def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None, *,
                 continue
             current = RawSample(key, {ext: data}, offset, DUPLICATE_KEY if key in seen else None)
             seen.add(key)
+    except NotATarError:
+        yield NOT_A_TAR
+        return
     except (tarfile.TarError, EOFError, OSError, ValueError):
         # A cut-off shard: the partial group at the cut is lost with the rest of the shard.
         if report_cut and current is not None:
@@ -161,6 +166,10 @@ def iter_raw_samples(stream: IO[bytes], seen_keys: set[str] | None = None, *,
 
 
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped meta members (__index__ ...)
+
+
+class NotATarError(tarfile.ReadError):
+    """The stream's first header block is not a tar header."""
 
 
 class _CheckedTarInfo(tarfile.TarInfo):
@@ -179,6 +188,10 @@ class _CheckedTarInfo(tarfile.TarInfo):
         except tarfile.EOFHeaderError:
             raise
         except tarfile.HeaderError as exc:
+            # The very first header, and bytes were read: they were never a tar archive. (An empty
+            # stream stays a truncated one: a failed `pipe:` command gives one too.)
+            if tarfile_.offset == 0 and not isinstance(exc, tarfile.EmptyHeaderError):
+                raise NotATarError(str(exc)) from None
             raise tarfile.ReadError(f"{exc} at byte {tarfile_.offset}") from None
 
 

@@ -54,7 +54,7 @@ class _Cursor:
                 break
 
     def next(self) -> shard_io.RawSample | str | None:
-        """The next raw group, TRUNCATED_TAR, or None at the end of the shard."""
+        """The next raw group, TRUNCATED_TAR or NOT_A_TAR, or None at the end of the shard."""
         item = next(self._groups, None)
         if isinstance(item, shard_io.RawSample):
             self.offset += 1
@@ -142,6 +142,8 @@ class _Stream:
             if not isinstance(raw, shard_io.RawSample):
                 if raw == shard_io.TRUNCATED_TAR:
                     self._fault(shard_io.TRUNCATED_TAR, cursor.name, f"after {cursor.offset} samples")
+                elif raw == shard_io.NOT_A_TAR:
+                    self._fault(shard_io.NOT_A_TAR, cursor.name, "", "its first 512 bytes are not a tar header")
                 cursor.close()
                 self.cursors.remove(cursor)
                 if cursor.whole and not cursor.used:

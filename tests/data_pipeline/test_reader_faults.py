@@ -5,6 +5,7 @@ Shards are built by hand so that each fault occurs a known number of times.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -195,7 +196,7 @@ def test_decode_sample_fields_and_reasons() -> None:
     assert decode_sample(raw({"png": huge_png(), "txt": b"x"}), spec) == "image_too_large"  # PIL's own limit
     assert decode_sample(raw({"jpg": jpeg_bytes(12, 8), "txt": b"x"}), spec, max_image_pixels=96) != "image_too_large"
     assert decode_sample(raw({"jpg": jpeg_bytes(12, 8), "txt": b"x"}), spec, max_image_pixels=95) == "image_too_large"
-    assert set(shard_io.FAULT_REASONS) == {"truncated_tar", "unreadable_shard", *EXPECTED_FAULTS}
+    assert set(shard_io.FAULT_REASONS) == {"truncated_tar", "unreadable_shard", "not_a_tar", *EXPECTED_FAULTS}
 
 
 def _png() -> bytes:
@@ -283,3 +284,18 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
     assert decoded[0, :, 0].tolist() == [0, 61, 156, 255] and (decoded == decoded[..., :1]).all()
     clipped = np.asarray(Image.open(io.BytesIO(data.getvalue())).convert("RGB"))  # PIL's own convert: the control
     assert clipped[0, :, 0].tolist() == [0, 255, 255, 255]
+
+
+@pytest.mark.parametrize("content", [b"<!DOCTYPE html><html>404</html>\n", bytes(range(256)) * 12],
+                         ids=["html", "random"])
+def test_a_file_that_is_not_a_tar_is_one_not_a_tar_fault(tmp_path: Path, content: bytes) -> None:
+    good = write_tar(tmp_path / "00000.tar", [*good_members("a0"), *good_members("a1")])
+    (tmp_path / "00001.tar").write_bytes(content)
+    with open(tmp_path / "00001.tar", "rb") as f:
+        assert list(shard_io.iter_raw_samples(f)) == [shard_io.NOT_A_TAR]
+    with open(good, "rb") as f:  # the control: a real tar cut inside its first member is truncated
+        assert list(shard_io.iter_raw_samples(io.BytesIO(f.read()[:700])))[-1] == shard_io.TRUNCATED_TAR
+    reader = make_reader([str(good), str(tmp_path / "00001.tar")], spec=SPEC_TXT, shuffle=False)
+    assert sorted(flat(reader)) == ["a0", "a1"]
+    assert reader.fault_counts() == {"not_a_tar": 1}
+    assert reader.fault_examples() == ["00001.tar : not_a_tar (its first 512 bytes are not a tar header)"]

@@ -163,9 +163,10 @@ def test_end_of_archive_block_without_padding_is_complete(four_sample_tar) -> No
     assert groups(data[:end + 1024]) == ["000000", "000001", "000002", "000003"]
 
 
-def test_empty_and_garbage_streams_are_truncated() -> None:
-    assert groups(b"") == ["truncated_tar"]
-    assert groups(b"this is not a tar file" * 100) == ["truncated_tar"]
+def test_garbage_is_not_a_tar_archive_and_an_empty_stream_is_truncated() -> None:
+    assert groups(b"this is not a tar file" * 100) == ["not_a_tar"]
+    assert groups(b"<html>short</html>") == ["not_a_tar"]  # less than one 512-byte header
+    assert groups(b"") == ["truncated_tar"]  # what a failed `pipe:` command gives
 
 
 # ------------------------------------------------------------------ decoding helpers

@@ -77,6 +77,14 @@ def test_captioner_stages_end_to_end(toy_data: Path, tmp_path: Path) -> None:
     summary = json.loads((root / "toy" / "caption" / "summary.json").read_text())
     assert summary["images"] == 3 and summary["skipped_by_reason"] == {"image_too_large": 1, "undecodable_image": 1}
     assert "skipped 2 images: image_too_large=1, undecodable_image=1" in out and "Traceback" not in out
+    readme = run_recap(["caption", *common, "caption.input=README.md"])  # neither images nor shards
+    assert readme.returncode == 2 and readme.stderr.strip().splitlines()[-1] == (
+        "recap caption: error: caption.input: README.md is neither an image (.jpg, .jpeg, .png, .webp), a folder of "
+        "images nor shards (.tar)")
+    (tmp_path / "page.tar").write_bytes(b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n")
+    page = run_recap(["caption", *common, f"caption.input={tmp_path / 'page.tar'}"])
+    assert page.returncode == 3 and page.stderr.strip().splitlines()[-1] == (
+        f"recap caption: error: no image of {tmp_path / 'page.tar'} could be captioned; skipped: not_a_tar=1")
     jsonl = tmp_path / "captions.jsonl"
     _ok(["caption", *common, f"caption.input={toy_data}/heldout", f"caption.output={jsonl}", "caption.limit=5",
          "caption.decoding.strategy=beam", "caption.decoding.num_beams=2", "caption.decoding.max_length=12"])

@@ -256,3 +256,32 @@ def test_train_tokenizer_learns_from_the_recaptioned_shards(setup: Setup, refere
     pretrained = check_overrides([f"run.root={setup.root / 'runs'}", "text_encoder=t5_xxl"])
     with pytest.raises(ConfigError, match="brings its own tokenizer"):
         run(pretrained, tmp_path / "run2")
+
+
+def test_shards_that_are_not_tar_archives_fail_and_are_never_done(setup: Setup, tmp_path: Path) -> None:
+    """A random-bytes .tar, an HTML error page saved as .tar (what a failed download leaves) and a
+    text file: exit 3 naming each; the good shard is written and done, the bad ones are not
+    (no empty output shard, no marker), so the rerun after fixing them writes just those."""
+    given, out = tmp_path / "given", tmp_path / "out"
+    given.mkdir()
+    shutil.copy(setup.input / "00000.tar", given / "00000.tar")
+    (given / "00001.tar").write_bytes(bytes(range(256)) * 12)
+    (given / "00002.tar").write_bytes(b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n")
+    stderr = setup.run(out, f"recaption.input={given}", code=3)
+    assert stderr.strip().splitlines()[-1] == (
+        "recap recaption: error: 2 input shard(s) could not be read and were not written: "
+        "00001.tar (not_a_tar: its first 512 bytes are not a tar header); 00002.tar (not_a_tar: its first 512 bytes "
+        "are not a tar header). The other 1 written shard(s) are done; replace or remove these and rerun the same "
+        "command")
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00000.recaption.json", "00000.tar"]
+    for name in ("00001.tar", "00002.tar"):
+        shutil.copy(setup.input / name, given / name)
+    summary = setup.run_here(out, f"recaption.input={given}")
+    assert (summary["shards_written"], summary["shards_already_done"], summary["failures"]) == (2, 1, 0)
+
+    text = tmp_path / "passwd"  # recaption.input=/etc/passwd wrote an empty shard named passwd
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    stderr = setup.run(tmp_path / "out2", f"recaption.input={text}", code=3)
+    assert "passwd (not_a_tar: its first 512 bytes are not a tar header)" in stderr
+    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())

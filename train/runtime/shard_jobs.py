@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import recaption as shards
-from data_pipeline.shard_io import NoShardsError, is_local, list_shards, shard_name
+from data_pipeline.shard_io import DataError, NoShardsError, is_local, list_shards, shard_name
 from launch.ranks import RankError, job_rank_and_world
 from train.config.typed import ConfigError
 from train.runtime.environment import is_node_console
@@ -111,11 +111,20 @@ class ShardJob:
     def write_all(self, loader: Any, process: Callable[[shards.ShardBatch], list[dict[str, bytes]]],
                   extra: dict[str, Any], *, bar: Any, total_tasks: int) -> tuple[Counter, Counter]:
         """Write every shard of ``loader``'s batches (data_pipeline.recaption.write_all) with this
-        stage's failpoints; returns (totals: shards, images, copied; failures by reason)."""
+        stage's failpoints; returns (totals: shards, images, copied; failures by reason). Input
+        shards that could not be read at all are left not done, and end the stage with exit 3
+        (DataError) naming them, after the other shards are done."""
         batch_point, shard_point = f"{self.stage}_batch", f"{self.stage}_shard"
-        return shards.write_all(loader, process, extra, bar=bar, total_tasks=total_tasks,
-                                on_batch=lambda n: maybe_fail(rank=self.rank, **{batch_point: n}),
-                                on_shard=lambda n: maybe_fail(rank=self.rank, **{shard_point: n}))
+        totals, reasons, failed = shards.write_all(
+            loader, process, extra, bar=bar, total_tasks=total_tasks,
+            on_batch=lambda n: maybe_fail(rank=self.rank, **{batch_point: n}),
+            on_shard=lambda n: maybe_fail(rank=self.rank, **{shard_point: n}))
+        if failed:
+            names = "; ".join(f"{name} ({why})" for name, why in sorted(failed.items()))
+            raise DataError(
+                f"{len(failed)} input shard(s) could not be read and were not written: {names}. The other "
+                f"{totals['shards']} written shard(s) are done; replace or remove these and rerun the same command")
+        return totals, reasons
 
 
 def start_job(stage: str, rank: int | None, world_size: int | None, *, stats_suffix: str) -> ShardJob:

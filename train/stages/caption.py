@@ -25,7 +25,9 @@ from PIL import Image
 from data_pipeline.ground_truth import GroundTruthAccess
 from data_pipeline.options import ReaderOptions
 from data_pipeline.samples import SampleSpec
-from data_pipeline.shard_io import IMAGE_TOO_LARGE, UNDECODABLE_IMAGE, ImageTooLarge, NoShardsError, decode_image, list_shards
+from data_pipeline.shard_io import (
+    IMAGE_TOO_LARGE, UNDECODABLE_IMAGE, DataError, ImageTooLarge, NoShardsError, decode_image, list_shards,
+)
 from data_pipeline.shard_reader import ShardReader
 from models.caption_decoding import decode_text, generate_tokens
 from models.captioner import image_transform
@@ -53,7 +55,11 @@ def _batches(spec: str, transform: Any, batch_size: int, options: ReaderOptions,
              skipped: Counter) -> Iterator[tuple[list[str], torch.Tensor]]:
     """(keys, images (B, 3, S, S)) from a folder, an image file or shards; images that cannot be
     read are counted in ``skipped`` by reason (and logged), never captioned."""
-    files = _image_files(Path(spec))
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() not in (*IMAGE_SUFFIXES, ".tar"):
+        raise ConfigError("caption.input", f"{spec} is neither an image ({', '.join(IMAGE_SUFFIXES)}), a folder of "
+                          "images nor shards (.tar)")
+    files = _image_files(path)
     if files is not None:
         if not files:
             raise ConfigError("caption.input", f"{spec} has no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
@@ -120,6 +126,9 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     bar.close()
     if out is not None:
         out.close()
+    if count == 0 and skipped:
+        raise DataError(f"no image of {c.input} could be captioned; skipped: "
+                        + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     seconds = time.perf_counter() - start
     summary = {"images": count, "tokens": tokens, "images_per_s": round(count / seconds, 2) if count else 0.0,
                "captioner": c.captioner, "output": c.output, "strategy": c.decoding.strategy,
