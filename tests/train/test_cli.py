@@ -159,6 +159,10 @@ def _check_error(overrides: list[str]) -> ConfigError:
          "'zero9' is not an option of group 'runtime' (did you mean 'zero3'?); "
          "options: ddp, single, zero1, zero2, zero3"),
         (["train_vae.optimizer.lr=0"], "train_vae.optimizer.lr", "must be > 0, got 0.0"),
+        (["run.name=../../etc"], "run.name", "must be one folder name under run.root (no '/', not '.' or '..'), got "
+                                             "'../../etc'"),
+        (["run.name="], "run.name", "must be one folder name under run.root (no '/', not '.' or '..'), got ''"),
+        (["run.name=.."], "run.name", "must be one folder name under run.root (no '/', not '.' or '..'), got '..'"),
         (["+data.reader.extra=1"], "data.reader.extra",
          "unknown key; valid keys here: fault_check_after, max_fault_fraction, max_image_pixels, num_workers, open_shards, "
          "prefetch_factor, shuffle, strict"),
@@ -302,3 +306,16 @@ def test_launch_unknown_stage_exits_2(capsys):
 def test_launch_dry_run_with_launcher_local_prints_the_stage_command(capsys):
     assert main(["launch", "train-vae", "seed=2", "--dry-run", "train_vae.steps=5"]) == 0
     assert capsys.readouterr().out == f"{sys.executable} -m train.cli train-vae seed=2 train_vae.steps=5\n"
+
+
+@pytest.mark.parametrize("root", ["/proc", "file"])
+def test_a_run_root_that_cannot_hold_run_directories_is_a_usage_error(root, tmp_path, capsys):
+    target = "/proc" if root == "/proc" else str(tmp_path / "a_file")
+    if root == "file":
+        Path(target).write_text("not a directory")
+    assert main(["train-vae", f"run.root={target}", "--cfg", "job"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"recap train-vae: error: run.root: cannot write run directories under "
+                                               f"'{target}': ")
+    assert main(["train-vae", f"run.root={tmp_path / 'new' / 'runs'}", "--cfg", "job"]) == 0  # a new one is fine
+    assert not (tmp_path / "new").exists()  # and checking it created nothing

@@ -150,6 +150,23 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
     return 0
 
 
+def _check_run_root(root: str) -> None:
+    """run.root can hold run directories: its nearest existing folder takes a file (run.root=/proc
+    was a traceback from deep inside Hydra). Creates nothing: --dry-run and mistakes leave no trace."""
+    import tempfile
+
+    existing = Path(root).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError("run.root", f"cannot write run directories under '{root}': {exc.strerror or exc}") from None
+
+
 def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
     """(overrides, flags, config of the first point) after every check that runs before a launch."""
     from train.config.loading import check_overrides, sweep_keys
@@ -160,6 +177,7 @@ def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]
         raise ConfigError(swept[0], "has several values (a sweep): add -m to run one job per value; for a "
                           "single value that contains commas quote it (key='a,b'), for a list use key=[a,b]")
     experiment = check_overrides(overrides)
+    _check_run_root(experiment.run.root)
     _check_batch_for_world(STAGES[name], experiment)
     if STAGES[name].precheck and not inside_launch() and not swept:  # sweep points check themselves
         importlib.import_module(STAGES[name].module).check(experiment)

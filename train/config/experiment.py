@@ -26,12 +26,20 @@ from train.config.typed import ConfigError
 class RunConfig:
     """Where a run lives: stage outputs go to ``<root>/<name>/<stage>``."""
 
-    name: str
-    root: str = "runs"
+    name: str  # one folder name (no '/', not '.' or '..'), checked before any work (exit 2)
+    root: str = "runs"  # created when missing; must be writable (checked before any work: exit 2)
 
     @property
     def dir(self) -> Path:
         return Path(self.root) / self.name
+
+    def validate(self) -> None:
+        # run.name=../../etc wrote outside run.root; an empty name wrote into the root itself.
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError("name", f"must be one folder name under run.root (no '/', not '.' or '..'), got "
+                              f"'{self.name}'")
+        if not self.root:
+            raise ConfigError("root", "must be a directory path (default: runs)")
 
 
 @dataclass(frozen=True)
