@@ -319,3 +319,11 @@ def test_a_run_root_that_cannot_hold_run_directories_is_a_usage_error(root, tmp_
                                                f"'{target}': ")
     assert main(["train-vae", f"run.root={tmp_path / 'new' / 'runs'}", "--cfg", "job"]) == 0  # a new one is fine
     assert not (tmp_path / "new").exists()  # and checking it created nothing
+
+
+def test_cfg_job_prints_the_config_with_url_passwords_masked(capsys):
+    url = "https://alice:Sup3rS3cretPw@data.example.com/{00000..00003}.tar"
+    assert main(["train-vae", f"data.heldout='{url}'", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "  heldout: https://alice:***@data.example.com/{00000..00003}.tar" in out.splitlines()
+    assert "Sup3rS3cretPw" not in out and "train_vae:" in out

@@ -23,7 +23,8 @@ def test_one_run_writes_metrics_logs_summary_and_no_secrets(toy_data: Path, tmp_
         ["train-vae", f"run.root={root}", f"data.train={toy_data}/train", f"data.heldout='{secret_url}'",
          "train_vae.steps=3", "checkpoint.every_steps=2", "train_vae.resolution=32", "train_vae.global_batch_size=4",
          "train_vae.micro_batch_size=2", "vae.block_out_channels=[8,16,16,16]", "vae.norm_num_groups=8",
-         "data.reader.num_workers=0", "logger.wandb.mode=offline", "train_vae.heldout_images=0"],  # the URL is not read
+         "data.reader.num_workers=0", "logger.wandb.mode=offline", "train_vae.heldout_images=0",  # the URL is not read
+         f"logger.wandb.tags=['toy','https://bob:{PASSWORD}@tags.example.com/x']"],  # tags went to wandb in clear
         env={"WANDB_API_KEY": API_KEY, "HOME": str(home), "WANDB_DIR": str(tmp_path / "wandb_env")},
     )
     assert result.returncode == 0, result.stderr[-3000:]

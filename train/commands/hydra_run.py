@@ -4,7 +4,9 @@ as `recap` subprocesses (multirun.yaml redacted)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import subprocess
 import sys
@@ -143,7 +145,18 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
             sys.exit(EXIT_REQUEUE)
 
     sys.argv = [f"recap {name}", *flags, *overrides, f"hydra.job.name={hydra_job_name(name)}"]
-    hydra.main(config_path=str(conf_dir()), config_name=PRIMARY_CONFIG, version_base="1.3")(task)()
+    app = hydra.main(config_path=str(conf_dir()), config_name=PRIMARY_CONFIG, version_base="1.3")(task)
+    if {"--cfg", "-c"} & set(flags):  # Hydra prints the config and runs nothing: print it redacted
+        from train.outputs.redaction import redact_text
+
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                app()
+        finally:
+            sys.stdout.write(redact_text(printed.getvalue()))
+        return 0
+    app()
     if failures:
         points = ", ".join(f"#{num} (exit {code})" for num, code in failures)
         return fail(name, f"{len(failures)} sweep point(s) failed: {points}; see their messages above", failures[0][1])

@@ -98,13 +98,16 @@ class MetricsLogger:
             import wandb
 
             # wandb records the command line (sys.argv) in the run's metadata; overrides may
-            # carry secrets (a URL with a password), so it sees a redacted copy.
+            # carry secrets (a URL with a password), so it sees a redacted copy, and so does every
+            # value handed to it (tags went in clear: the offline run file kept the password).
             argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
             try:
                 self._wandb = wandb.init(
-                    project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, dir=str(run_dir),
-                    name=f"{run_name}/{stage}", group=run_name, job_type=stage, tags=list(cfg.wandb.tags),
-                    config=config, resume="allow", id=_wandb_id(run_dir), settings=wandb.Settings(silent=True),
+                    project=redact_text(cfg.wandb.project), entity=cfg.wandb.entity and redact_text(cfg.wandb.entity),
+                    mode=cfg.wandb.mode, dir=str(run_dir), name=redact_text(f"{run_name}/{stage}"),
+                    group=redact_text(run_name), job_type=stage, tags=[redact_text(t) for t in cfg.wandb.tags],
+                    config=redact_tree(config), resume="allow", id=_wandb_id(run_dir),
+                    settings=wandb.Settings(silent=True),
                 )
             finally:
                 sys.argv = argv
