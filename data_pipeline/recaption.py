@@ -175,7 +175,7 @@ class ShardBatches(IterableDataset):
         with stream:
             for raw in shard_io.iter_raw_samples(stream, report_cut=True):
                 if raw == shard_io.NOT_A_TAR:
-                    batch.failures.append(_failure(None, shard_io.NOT_A_TAR, "its first 512 bytes are not a tar header"))
+                    batch.failures.append(_failure(None, shard_io.NOT_A_TAR, shard_io.NOT_A_TAR_DETAIL))
                 if isinstance(raw, str):  # TRUNCATED_TAR: the key at the cut was reported just before
                     continue
                 count += 1

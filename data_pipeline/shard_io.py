@@ -29,6 +29,7 @@ from data_pipeline.options import DEFAULT_MAX_IMAGE_PIXELS
 TRUNCATED_TAR = "truncated_tar"  # the shard ends inside a member (counted once per shard)
 UNREADABLE_SHARD = "unreadable_shard"  # the shard cannot be opened at all
 NOT_A_TAR = "not_a_tar"  # not a tar archive from its first byte (a failed download's HTML page, random bytes)
+NOT_A_TAR_DETAIL = "its first 512 bytes are not a tar header"
 DUPLICATE_KEY = "duplicate_key"  # a key (or a member of a sample) seen before in this shard
 MISSING_IMAGE = "missing_image"
 EMPTY_IMAGE = "empty_image"  # zero-byte image member
@@ -260,9 +261,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Any
                 return _to_rgb(img)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from None
+    except ImageTooLarge:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageTooLarge):
-            raise
         # PIL names the buffer object (with its address); keep the reason stable across runs.
         reason = _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
         raise ValueError(reason) from None

@@ -143,7 +143,7 @@ class _Stream:
                 if raw == shard_io.TRUNCATED_TAR:
                     self._fault(shard_io.TRUNCATED_TAR, cursor.name, f"after {cursor.offset} samples")
                 elif raw == shard_io.NOT_A_TAR:
-                    self._fault(shard_io.NOT_A_TAR, cursor.name, "", "its first 512 bytes are not a tar header")
+                    self._fault(shard_io.NOT_A_TAR, cursor.name, "", shard_io.NOT_A_TAR_DETAIL)
                 cursor.close()
                 self.cursors.remove(cursor)
                 if cursor.whole and not cursor.used:

@@ -65,16 +65,16 @@ def _batches(spec: str, transform: Any, batch_size: int, options: ReaderOptions,
             raise ConfigError("caption.input", f"{spec} has no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
         for i in range(0, len(files), batch_size):
             keys, images = [], []
-            for path in files[i : i + batch_size]:
+            for file in files[i : i + batch_size]:
                 try:
-                    images.append(transform(decode_image(path.read_bytes(), options.max_image_pixels)))
-                    keys.append(str(path))
+                    images.append(transform(decode_image(file.read_bytes(), options.max_image_pixels)))
+                    keys.append(str(file))
                 except ImageTooLarge as exc:
                     skipped[IMAGE_TOO_LARGE] += 1
-                    log.warning("skipped %s: %s: %s", path, IMAGE_TOO_LARGE, exc)
+                    log.warning("skipped %s: %s: %s", file, IMAGE_TOO_LARGE, exc)
                 except (OSError, ValueError) as exc:
                     skipped[UNDECODABLE_IMAGE] += 1
-                    log.warning("skipped %s: %s: %s", path, UNDECODABLE_IMAGE, exc)
+                    log.warning("skipped %s: %s: %s", file, UNDECODABLE_IMAGE, exc)
             if keys:
                 yield keys, torch.stack(images)
         return
