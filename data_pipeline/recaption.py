@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import shard_io
-from data_pipeline.workers import die_with_parent
+from data_pipeline.workers import die_with_parent, leave_signals_to_parent
 
 STATS_SUFFIX = ".recaption.json"
 LINEAGE_FIELD = "recaption"  # the json field that records which captioner wrote which key
@@ -217,6 +217,7 @@ def batch_loader(tasks: Sequence[ShardTask], transforms: dict[str, Callable[[Any
 
 def _init_worker(worker_id: int) -> None:
     die_with_parent()
+    leave_signals_to_parent()  # a preempted job's signal is the main process's to handle (stop between batches)
 
 
 def with_lineage(members: dict[str, bytes], captions: dict[str, str], lineage: dict[str, Any]) -> dict[str, bytes]:
@@ -285,16 +286,29 @@ class ShardOutput:
 SHARD_FAILURES = (shard_io.UNREADABLE_SHARD, shard_io.NOT_A_TAR)  # nothing of the shard could be read
 
 
+class Stopped(Exception):
+    """`write_all` left between two batches because its ``stop()`` said so. ``done``: shards
+    completed (written and marked done) before that; ``abandoned``: the input shards that were in
+    progress, whose partial outputs were removed (not done: a rerun writes them from the start)."""
+
+    def __init__(self, done: int, abandoned: list[str]) -> None:
+        super().__init__(f"stopped after {done} shard(s); abandoned: {', '.join(abandoned) or 'none'}")
+        self.done, self.abandoned = done, abandoned
+
+
 def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]]], extra: dict[str, Any], *,
               bar: Any, total_tasks: int, on_batch: Callable[[int], None] | None = None,
-              on_shard: Callable[[int], None] | None = None) -> tuple[Counter, Counter, dict[str, str]]:
+              on_shard: Callable[[int], None] | None = None,
+              stop: Callable[[], bool] | None = None) -> tuple[Counter, Counter, dict[str, str]]:
     """Write every task's output shard from ``loader``'s batches (batches of several shards
     interleave; each shard's come in order). ``process(batch)`` gives each sample's output
     members; ``extra`` goes into every stats file; ``on_batch(n)``/``on_shard(n)`` are
     failpoints after the n-th batch written and between the n-th shard's rename and its stats.
     Returns (totals: shards, images, copied; failures by reason; {input shard: "reason: detail"} of
     the shards that could not be read at all, which are neither written nor marked done, so a
-    rerun tries them again). An error leaves no partial file.
+    rerun tries them again). An error leaves no partial file. ``stop()`` is asked before each batch
+    is processed (and before the first): when it answers True, the shards in progress are abandoned
+    and `Stopped` is raised (a preempted job leaves only done shards behind).
     """
     open_shards: dict[int, ShardOutput] = {}
     totals: Counter = Counter()
@@ -303,6 +317,9 @@ def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]
     written = 0
     try:
         for batch in loader:
+            if stop is not None and stop():
+                urls = {o.task.url for o in open_shards.values()} | {batch.task.url}
+                raise Stopped(totals["shards"], sorted(shard_io.shard_name(u) for u in urls))
             if batch.task.index not in open_shards:
                 open_shards[batch.task.index] = ShardOutput(batch.task)
             output = open_shards[batch.task.index]

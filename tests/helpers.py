@@ -29,10 +29,13 @@ TINY_COCA = {
 
 
 def run_recap(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the `recap` CLI in a subprocess from the repository root; returns the completed process."""
+    """Run the `recap` CLI in a subprocess from the repository root; returns the completed process.
+
+    A failpoint that signals its process group (``RECAP_FAULT=...group=1``) gets a session of its
+    own, so that the signal reaches the CLI and its workers but not pytest."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, start_new_session="group=1" in full_env.get("RECAP_FAULT", ""))
 
 
 def logged_losses(run_dir: Path) -> dict[int, list[float]]:

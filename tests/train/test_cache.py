@@ -118,3 +118,23 @@ def test_a_cache_without_a_stage_resolution_is_refused_before_training(inputs, t
     result = run_recap(["train-t2i", *_overrides(tmp_path, inputs, f"train_t2i.cache={tmp_path}/cache")])
     assert result.returncode == 2
     assert "the cache holds resolutions [64]" in result.stderr and "[128]" in result.stderr
+
+
+def test_a_preempted_cache_job_exits_75_with_only_done_shards_and_reruns_to_the_same_bytes(inputs,
+                                                                                           tmp_path: Path) -> None:
+    """SIGTERM to the process group after the 4th batch (3 batches of 5 make a 12-sample shard:
+    the first shard is done, the second in progress): exit 75 naming both, the second's partial
+    file removed, and the rerun writes only it, to the bytes of an uninterrupted run."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    _run("cache", _overrides(whole, inputs))
+    preempted = run_recap(["cache", *_overrides(broken, inputs)], env={"RECAP_FAULT": "sigterm@cache_batch=4,group=1"})
+    assert preempted.returncode == 75, preempted.stderr[-3000:]
+    assert "Traceback" not in preempted.stderr
+    assert preempted.stderr.strip().splitlines()[-1] == (
+        "recap cache: preempted by SIGTERM: 1 shard(s) written and marked done in this run; abandoned 1 shard(s) in "
+        "progress (00001.tar), their partial files removed; rerun the same command to write the rest")
+    assert sorted(p.name for p in (broken / "cache").iterdir()) == ["00000.cache.json", "00000.tar"]
+    rerun = _run("cache", _overrides(broken, inputs))
+    assert (rerun["shards_already_done"], rerun["shards_written"]) == (1, 1)
+    assert {p.name: p.read_bytes() for p in (broken / "cache").glob("*.tar")} == \
+        {p.name: p.read_bytes() for p in (whole / "cache").glob("*.tar")}

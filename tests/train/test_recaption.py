@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -285,3 +286,71 @@ def test_shards_that_are_not_tar_archives_fail_and_are_never_done(setup: Setup, 
     stderr = setup.run(tmp_path / "out2", f"recaption.input={text}", code=3)
     assert "passwd (not_a_tar: its first 512 bytes are not a tar header)" in stderr
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+
+
+def _done_and_partial(out: Path) -> tuple[list[str], list[str], list[str]]:
+    """(output shards, done markers, partial files) in ``out``, as sorted stems/names."""
+    return (sorted(p.name.removesuffix(".tar") for p in out.glob("*.tar")),
+            sorted(p.name.removesuffix(rc.STATS_SUFFIX) for p in out.glob(f"*{rc.STATS_SUFFIX}")),
+            sorted(p.name for p in out.glob(".*.partial")))
+
+
+def _preempted_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("recap recaption: preempted by ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_sigterm_mid_shard_exits_75_abandoning_the_shard_and_the_rerun_is_byte_identical(setup: Setup,
+                                                                                         reference: Path) -> None:
+    """SIGTERM to the job's process group (as Slurm and torchrun send it; the DataLoader workers
+    get it too) in the middle of a shard: exit 75 with one line saying what is done and what was
+    abandoned; only complete, marked shards are left; the rerun completes byte-identically."""
+    out = setup.root / "preempted"
+    line = _preempted_line(setup.run(out, env={"RECAP_FAULT": "sigterm@recaption_batch=5,group=1"}, code=75))
+    tars, done, partial = _done_and_partial(out)
+    assert tars == done and partial == [] and 0 < len(done) < TOY_SHARDS
+    abandoned = sorted(set(_shards(reference)) - {f"{d}.tar" for d in done})
+    assert line.startswith(f"recap recaption: preempted by SIGTERM: {len(done)} shard(s) written and marked done in "
+                           "this run; abandoned "), line
+    named = re.search(r"in progress \(([^)]*)\), their partial files removed; rerun the same command", line)
+    assert named is not None, line
+    named = named.group(1).split(", ")
+    assert named and set(named) <= set(abandoned), (named, abandoned)
+    assert not (setup.root / "runs" / "toy" / "recaption" / "summary.json").exists() or \
+        json.loads((setup.root / "runs" / "toy" / "recaption" / "summary.json").read_text())["output"] != str(out)
+    setup.run(out)
+    assert _shards(out) == _shards(reference) and _stats(out) == _stats(reference)
+
+
+def test_sigusr1_to_an_array_task_between_rename_and_marker_still_marks_that_shard_done(setup: Setup,
+                                                                                       reference: Path) -> None:
+    """SIGUSR1 (Slurm's time-limit warning) arriving while shard 2's stats file is being written:
+    the write completes, the task stops before its next batch with exit 75, and the array
+    reruns to the reference bytes."""
+    out = setup.root / "array_preempted"
+    array = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}
+    line = _preempted_line(setup.run(out, env={**array, "RECAP_FAULT": "sigusr1@recaption_shard=2"}, code=75))
+    tars, done, partial = _done_and_partial(out)
+    assert line.startswith("recap recaption: preempted by SIGUSR1: 2 shard(s) written and marked done in this run;")
+    assert len(done) == 2 and tars == done and partial == []
+    for task in ("0", "1"):
+        setup.run_here(out, env={**array, "SLURM_ARRAY_TASK_ID": task})
+    assert _shards(out) == _shards(reference)
+    assert {n: {k: v for k, v in s.items() if k not in ("rank", "world_size")} for n, s in _stats(out).items()} \
+        == {n: {k: v for k, v in s.items() if k not in ("rank", "world_size")} for n, s in _stats(reference).items()}
+
+
+def test_a_preempted_rank_under_torchrun_makes_the_job_exit_75(setup: Setup, reference: Path) -> None:
+    """Rank 1 of 2 is signalled (its process group, as torchrun forwards it): rank 1 exits 75,
+    rank 0 finishes; the job's exit code is 75 (requeue), and the rerun completes it."""
+    out = setup.root / "torchrun_preempted"
+    torchrun = ("launcher=torchrun", "launcher.nproc_per_node=2", "runtime=ddp")
+    stderr = setup.run(out, *torchrun, env={"RECAP_FAULT": "sigterm@recaption_batch=2,rank=1,group=1"}, code=75)
+    # torchrun itself prints a ChildFailedError traceback for a rank that exits non-zero; none comes from ours
+    assert "recap recaption: preempted by SIGTERM: " in stderr, stderr[-3000:]
+    assert not re.search(r'File ".*/(train|data_pipeline|models|launch)/', stderr), stderr[-3000:]
+    tars, done, partial = _done_and_partial(out)
+    assert tars == done and partial == [] and len(done) < TOY_SHARDS + 1
+    setup.run(out, *torchrun)
+    assert _shards(out) == _shards(reference)

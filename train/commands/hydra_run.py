@@ -117,7 +117,7 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
     from train.training.checkpoint_files import CheckpointError
     from launch.supervise import EXIT_REQUEUE
     from train.training.loop import NonFiniteLoss
-    from train.runtime.preemption import Preempted
+    from train.runtime.preemption import StagePreempted
     from train.config.loading import PRIMARY_CONFIG, conf_dir, experiment_from_omegaconf
 
     failures: list[tuple[int, int]] = []  # (job number, exit code) of failed sweep points
@@ -140,7 +140,7 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
             sys.exit(fail(name, str(exc), EXIT_DATA))
         except NonFiniteLoss as exc:
             sys.exit(fail(name, str(exc), EXIT_DIVERGED))
-        except Preempted as exc:
+        except StagePreempted as exc:
             print(f"recap {name}: {exc}", file=sys.stderr)
             sys.exit(EXIT_REQUEUE)
 

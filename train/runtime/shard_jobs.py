@@ -7,14 +7,20 @@ protocol of data_pipeline/recaption.py (temp name, rename, stats file last), so 
 reruns to the same bytes. This module holds what both stages share: checking the input and
 output directories and the rank, this process's shards still to do, writing them with the
 stage's failpoints (``<stage>_batch=N`` / ``<stage>_shard=N``, train/runtime/failpoints.py),
-and the names a process writes. The stage keeps what it computes per batch.
+preemption, and the names a process writes. The stage keeps what it computes per batch.
+
+Preemption: while ``with job.watch:`` is open (the stage wraps its work in it), SIGTERM or
+SIGUSR1 is only recorded; the job stops before its next batch, abandons the shards in progress
+(their ``.partial`` files are removed; nothing half-written is ever marked done) and raises
+ShardsPreempted, which `recap` turns into exit 75. The rerun writes the rest, and the result is
+byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,9 @@ from launch.ranks import RankError, job_rank_and_world
 from train.config.typed import ConfigError
 from train.runtime.environment import is_node_console
 from train.runtime.failpoints import maybe_fail
+from train.runtime.preemption import PreemptionWatch, ShardsPreempted
+
+_STOPPING = "stopping before the next batch (the shards in progress are abandoned), then exiting"
 
 
 def output_name(url: str) -> str:
@@ -69,7 +78,8 @@ class ShardJob:
 
     ``stage`` names the job's log file, progress bar, failpoints and summary (it is also the
     config section); ``stats_suffix`` names an output shard's done marker; ``console``: this
-    process owns its node's console (one per node under torchrun, every array task).
+    process owns its node's console (one per node under torchrun, every array task); ``watch``
+    records SIGTERM/SIGUSR1 while the stage holds it open (``with job.watch:``).
     """
 
     stage: str
@@ -77,6 +87,7 @@ class ShardJob:
     world: int
     stats_suffix: str
     console: bool
+    watch: PreemptionWatch = field(default_factory=lambda: PreemptionWatch(_STOPPING), compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -113,12 +124,17 @@ class ShardJob:
         """Write every shard of ``loader``'s batches (data_pipeline.recaption.write_all) with this
         stage's failpoints; returns (totals: shards, images, copied; failures by reason). Input
         shards that could not be read at all are left not done, and end the stage with exit 3
-        (DataError) naming them, after the other shards are done."""
+        (DataError) naming them, after the other shards are done. A signal recorded by
+        ``watch`` stops it before the next batch: ShardsPreempted (exit 75)."""
         batch_point, shard_point = f"{self.stage}_batch", f"{self.stage}_shard"
-        totals, reasons, failed = shards.write_all(
-            loader, process, extra, bar=bar, total_tasks=total_tasks,
-            on_batch=lambda n: maybe_fail(rank=self.rank, **{batch_point: n}),
-            on_shard=lambda n: maybe_fail(rank=self.rank, **{shard_point: n}))
+        try:
+            totals, reasons, failed = shards.write_all(
+                loader, process, extra, bar=bar, total_tasks=total_tasks,
+                on_batch=lambda n: maybe_fail(rank=self.rank, **{batch_point: n}),
+                on_shard=lambda n: maybe_fail(rank=self.rank, **{shard_point: n}),
+                stop=lambda: self.watch.received is not None)
+        except shards.Stopped as stopped:
+            raise ShardsPreempted(self.watch.signal_name or "a signal", stopped.done, stopped.abandoned) from None
         if failed:
             names = "; ".join(f"{name} ({why})" for name, why in sorted(failed.items()))
             raise DataError(

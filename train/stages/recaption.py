@@ -139,11 +139,17 @@ def _write_shards(job: ShardJob, tasks: list[shards.ShardTask], captioners: _Cap
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """Recaption this process's share of the input shards; returns its summary."""
-    from train.outputs.run_logging import finish_stage, progress, setup_logging, write_config_snapshot
-
     urls = check(cfg)
     r = cfg.recaption
     job = start_job("recaption", r.rank, r.world_size, stats_suffix=shards.STATS_SUFFIX)
+    with job.watch:  # SIGTERM/SIGUSR1 from here on: stop before the next batch, exit 75
+        return _run(cfg, run_dir, urls, job)
+
+
+def _run(cfg: ExperimentConfig, run_dir: Path, urls: list[str], job: ShardJob) -> dict[str, Any]:
+    from train.outputs.run_logging import finish_stage, progress, setup_logging, write_config_snapshot
+
+    r = cfg.recaption
     rank, world = job.rank, job.world
     logger = setup_logging(run_dir, "recaption", rank, console=job.console)
     if rank == 0:
