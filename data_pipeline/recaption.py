@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import shard_io
+from data_pipeline.cross_shard_keys import CrossShardKeys
 from data_pipeline.workers import die_with_parent, leave_signals_to_parent
 
 STATS_SUFFIX = ".recaption.json"
@@ -240,6 +241,7 @@ class ShardOutput:
         self.task = task
         self.writer = shard_io.AtomicShardWriter(task.output)
         self.failures: list[dict[str, Any]] = []
+        self.keys: list[str] = []  # written, in order: for counting keys across shards
         self.captioned = self.copied = 0
         self.started = time.perf_counter()
 
@@ -249,6 +251,8 @@ class ShardOutput:
             self.writer.write(key, members)
         for (key, _), members in zip(batch.samples, captioned, strict=True):
             self.writer.write(key, members)
+        self.keys.extend(key for key, _ in batch.copied)
+        self.keys.extend(key for key, _ in batch.samples)
         self.copied += len(batch.copied)
         self.captioned += len(batch.samples)
         self.failures.extend(batch.failures)
@@ -299,11 +303,13 @@ class Stopped(Exception):
 def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]]], extra: dict[str, Any], *,
               bar: Any, total_tasks: int, on_batch: Callable[[int], None] | None = None,
               on_shard: Callable[[int], None] | None = None,
+              seen: CrossShardKeys | None = None,
               stop: Callable[[], bool] | None = None) -> tuple[Counter, Counter, dict[str, str]]:
     """Write every task's output shard from ``loader``'s batches (batches of several shards
     interleave; each shard's come in order). ``process(batch)`` gives each sample's output
     members; ``extra`` goes into every stats file; ``on_batch(n)``/``on_shard(n)`` are
-    failpoints after the n-th batch written and between the n-th shard's rename and its stats.
+    failpoints after the n-th batch written and between the n-th shard's rename and its stats;
+    ``seen`` gets each done shard's keys (counting keys written to several shards).
     Returns (totals: shards, images, copied; failures by reason; {input shard: "reason: detail"} of
     the shards that could not be read at all, which are neither written nor marked done, so a
     rerun tries them again). An error leaves no partial file. ``stop()`` is asked before each batch
@@ -339,6 +345,8 @@ def write_all(loader: Any, process: Callable[[ShardBatch], list[dict[str, bytes]
                 if on_shard is not None:
                     on_shard(totals["shards"] + 1)
                 stats = output.write_stats(batch, extra)
+                if seen is not None:
+                    seen.add_shard(batch.task.output.name, output.keys)
                 del open_shards[batch.task.index]
                 totals.update(shards=1, images=stats["captioned"], copied=stats["copied_from_previous"])
                 reasons.update(stats["failures_by_reason"])

@@ -11,6 +11,7 @@ import torch
 
 from data_pipeline import latent_cache
 from data_pipeline.shard_io import iter_raw_samples
+from tests.data_pipeline.dp_testlib import good_members, read_members, write_tar
 from tests.helpers import logged_losses, run_recap, run_stage, toy_tokenizer, write_captioned_shards
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,7 @@ def test_cache_holds_every_stage_and_caption_and_trains_like_raw_images(inputs, 
         root = tmp_path / dtype
         summary = _run("cache", _overrides(root, inputs, f"cache.dtype={dtype}"))
         assert (summary["shards_written"], summary["samples_cached"], summary["failures"]) == (2, 24, 0)
+        assert summary["duplicate_keys_across_shards"] == 0
         _run("train_t2i", _overrides(root, inputs, f"train_t2i.cache={root}/cache"))
         got = {s: v[-1] for s, v in logged_losses(root / "toy" / "train_t2i").items()}
         assert got.keys() == expected.keys()
@@ -138,3 +140,15 @@ def test_a_preempted_cache_job_exits_75_with_only_done_shards_and_reruns_to_the_
     assert (rerun["shards_already_done"], rerun["shards_written"]) == (1, 1)
     assert {p.name: p.read_bytes() for p in (broken / "cache").glob("*.tar")} == \
         {p.name: p.read_bytes() for p in (whole / "cache").glob("*.tar")}
+
+
+def test_keys_repeated_across_shards_are_counted_and_every_copy_is_cached(inputs, tmp_path: Path) -> None:
+    """Shard 2 repeats a1 and a2 of shard 1, shard 3 repeats a2 again: 3 counted, none dropped."""
+    shards = {"00000.tar": ["a1", "a2", "a3"], "00001.tar": ["b1", "a1", "a2"], "00002.tar": ["a2", "c1"]}
+    for name, keys in shards.items():
+        write_tar(tmp_path / "given" / name, [m for k in keys for m in good_members(k)])
+    summary = _run("cache", _overrides(tmp_path, inputs, f"cache.input={tmp_path / 'given'}"))
+    assert (summary["duplicate_keys_across_shards"], summary["samples_cached"], summary["failures"]) == (3, 8, 0)
+    for name, keys in shards.items():
+        assert [n for n, _ in read_members(tmp_path / "cache" / name) if n.endswith(".cache.safetensors")] == \
+            [f"{k}.{latent_cache.CACHE_MEMBER}" for k in keys]

@@ -22,7 +22,8 @@ from data_pipeline.shard_reader import ShardReader
 from models.caption_decoding import decode_text, generate_tokens
 from models.captioner import build_captioner, export_captioner, image_transform, load_exported, tokenizer
 from models.decoding_options import DecodingOptions
-from tests.data_pipeline.dp_testlib import fault_members, fault_shard, jpeg_bytes, read_members, write_tar
+from tests.data_pipeline.dp_testlib import (fault_members, fault_shard, good_members, jpeg_bytes, read_members,
+                                            write_tar)
 from tests.helpers import TINY_COCA, run_recap
 from train.config.typed import ConfigError
 
@@ -97,7 +98,7 @@ def _stats(out: Path) -> dict[str, dict]:
 def test_outputs_keep_every_member_and_add_captions_with_lineage(setup: Setup, reference: Path) -> None:
     summary = _summary(setup)
     assert (summary["shards_written"], summary["images_captioned"]) == (TOY_SHARDS + 1, TOY_SHARDS * TOY_SAMPLES + 3)
-    assert summary["failures_by_reason"] == FAULTS
+    assert summary["failures_by_reason"] == FAULTS and summary["duplicate_keys_across_shards"] == 0
     sha = {k: hashlib.sha256((p / "open_clip_model.safetensors").read_bytes()).hexdigest()
            for k, p in setup.captioners.items()}
     for shard in sorted(setup.input.glob("0*.tar")):
@@ -354,3 +355,37 @@ def test_a_preempted_rank_under_torchrun_makes_the_job_exit_75(setup: Setup, ref
     assert tars == done and partial == [] and len(done) < TOY_SHARDS + 1
     setup.run(out, *torchrun)
     assert _shards(out) == _shards(reference)
+
+
+REPEATS = {"00000.tar": ["a1", "a2", "a3"], "00001.tar": ["b1", "a1", "a2"], "00002.tar": ["a2", "c1"]}
+
+
+def test_keys_repeated_across_shards_are_counted_and_every_copy_is_written(setup: Setup, tmp_path: Path) -> None:
+    """Shard 2 repeats a1 and a2 of shard 1, shard 3 repeats a2 again: 3 counted (not failures),
+    in one warning line; every output shard keeps all its samples. With 2 workers (shards finish
+    in any order) the count is the same. Unique keys count 0; a rerun that writes only 00002.tar
+    does not compare it with the shards done before."""
+    given, out = tmp_path / "given", tmp_path / "out"
+    for name, keys in REPEATS.items():
+        write_tar(given / name, [m for k in keys for m in good_members(k)])
+    log = setup.root / "runs" / "toy" / "recaption" / "logs" / "recaption.rank0.log"
+    before = log.stat().st_size if log.exists() else 0  # the log of this module's earlier runs
+    summary = setup.run_here(out, f"recaption.input={given}", "recaption.num_workers=0")
+    assert (summary["duplicate_keys_across_shards"], summary["failures"], summary["images_captioned"]) == (3, 0, 8)
+    for name, keys in REPEATS.items():
+        assert [n for n, _ in read_members(out / name) if n.endswith(".dsc.txt")] == [f"{k}.dsc.txt" for k in keys]
+    lines = log.read_bytes()[before:].decode().splitlines()
+    assert [line.split(" WARNING ", 1)[1] for line in lines if " WARNING " in line] == [
+        "3 key(s) were written to more than one of the 3 output shards this process wrote (each shard keeps its copy; "
+        "shards done before are not compared), e.g. a1 (00000.tar, 00001.tar), a2 (00000.tar, 00001.tar), "
+        "a2 (00000.tar, 00002.tar)"]
+    workers = setup.run_here(tmp_path / "workers", f"recaption.input={given}", "recaption.num_workers=2")
+    assert (workers["duplicate_keys_across_shards"], workers["images_captioned"]) == (3, 8)
+
+    (out / ("00002" + rc.STATS_SUFFIX)).unlink()
+    rerun = setup.run_here(out, f"recaption.input={given}")
+    assert (rerun["shards_written"], rerun["duplicate_keys_across_shards"]) == (1, 0)
+    unique = tmp_path / "unique"
+    for i, name in enumerate(REPEATS):
+        write_tar(unique / name, [m for k in ("x", "y") for m in good_members(f"{k}{i}")])
+    assert setup.run_here(tmp_path / "out_unique", f"recaption.input={unique}")["duplicate_keys_across_shards"] == 0

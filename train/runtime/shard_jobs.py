@@ -18,6 +18,7 @@ byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import recaption as shards
+from data_pipeline.cross_shard_keys import CrossShardKeys
 from data_pipeline.shard_io import DataError, NoShardsError, is_local, list_shards, shard_name
 from launch.ranks import RankError, job_rank_and_world
 from train.config.typed import ConfigError
@@ -122,19 +124,25 @@ class ShardJob:
     def write_all(self, loader: Any, process: Callable[[shards.ShardBatch], list[dict[str, bytes]]],
                   extra: dict[str, Any], *, bar: Any, total_tasks: int) -> tuple[Counter, Counter]:
         """Write every shard of ``loader``'s batches (data_pipeline.recaption.write_all) with this
-        stage's failpoints; returns (totals: shards, images, copied; failures by reason). Input
+        stage's failpoints; returns (totals: shards, images, copied, duplicate_keys_across_shards;
+        failures by reason). Keys written to more than one of the shards this call writes are
+        counted (not dropped: data_pipeline/cross_shard_keys.py) and logged as one warning. Input
         shards that could not be read at all are left not done, and end the stage with exit 3
         (DataError) naming them, after the other shards are done. A signal recorded by
         ``watch`` stops it before the next batch: ShardsPreempted (exit 75)."""
         batch_point, shard_point = f"{self.stage}_batch", f"{self.stage}_shard"
+        seen = CrossShardKeys()
         try:
             totals, reasons, failed = shards.write_all(
                 loader, process, extra, bar=bar, total_tasks=total_tasks,
                 on_batch=lambda n: maybe_fail(rank=self.rank, **{batch_point: n}),
-                on_shard=lambda n: maybe_fail(rank=self.rank, **{shard_point: n}),
+                on_shard=lambda n: maybe_fail(rank=self.rank, **{shard_point: n}), seen=seen,
                 stop=lambda: self.watch.received is not None)
         except shards.Stopped as stopped:
             raise ShardsPreempted(self.watch.signal_name or "a signal", stopped.done, stopped.abandoned) from None
+        totals["duplicate_keys_across_shards"] = seen.repeated
+        if (warning := seen.warning()) is not None:
+            logging.getLogger(f"recap.{self.stage}").warning("%s", warning)
         if failed:
             names = "; ".join(f"{name} ({why})" for name, why in sorted(failed.items()))
             raise DataError(

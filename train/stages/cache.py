@@ -170,6 +170,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, urls: list[str], job: ShardJob) -
     seconds = time.perf_counter() - start
     summary = {"rank": rank, "world_size": world, "input_shards": len(urls), "shards_written": totals["shards"],
                "shards_already_done": already_done, "samples_cached": totals["images"],
+               "duplicate_keys_across_shards": totals["duplicate_keys_across_shards"],
                "failures": sum(reasons.values()), "failures_by_reason": dict(sorted(reasons.items())),
                "seconds": round(seconds, 2),
                "images_per_s": round(totals["images"] / seconds, 2) if totals["images"] else 0.0,

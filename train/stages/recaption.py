@@ -171,6 +171,7 @@ def _run(cfg: ExperimentConfig, run_dir: Path, urls: list[str], job: ShardJob) -
         "rank": rank, "world_size": world, "input_shards": len(urls),
         "shards_mine": len(tasks) + already_done, "shards_written": totals["shards"], "shards_already_done": already_done,
         "images_captioned": totals["images"], "images_copied": totals["copied"],
+        "duplicate_keys_across_shards": totals["duplicate_keys_across_shards"],
         "failures": sum(reasons.values()), "failures_by_reason": dict(sorted(reasons.items())),
         "tokens": captioners.tokens, "seconds": round(seconds, 2),
         "images_per_s": round(totals["images"] / seconds, 2) if totals["images"] else 0.0,
