@@ -86,6 +86,16 @@ def test_credentials_are_found_as_wandb_finds_them(no_wandb_credentials: Path,
         "has 5.): fix WANDB_API_KEY or run `wandb login`")
 
 
+def test_a_wandb_without_its_key_lookup_is_left_to_wandb_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import wandb.sdk.lib
+
+    monkeypatch.delattr(wandb.sdk.lib, "wbauth", raising=False)
+    monkeypatch.setitem(sys.modules, "wandb.sdk.lib.wbauth", None)  # importing it raises ImportError
+    assert wandb_preflight.online_problem(1.0) is None
+
+
 class _Answers(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802 (http.server's name)
         self.send_response(404)  # any HTTP answer means the server is reachable
