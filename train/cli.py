@@ -22,7 +22,7 @@ import sys
 from typing import TextIO
 
 from train.commands.exit_codes import EXIT_USAGE, fail
-from train.commands.hydra_run import MULTIRUN_FLAGS, checked_args, run_hydra
+from train.commands.hydra_run import MULTIRUN_FLAGS, check_wandb_before_launch, checked_args, run_hydra
 from train.commands.launching import launch, launcher_command
 from train.commands.stage_table import STAGES
 from train.config.typed import ConfigError, did_you_mean
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                               "same arguments (add --dry-run to see the sbatch script first)")
         multirun = bool(MULTIRUN_FLAGS & set(flags))
         cmd = None if multirun else launcher_command(args, experiment.launcher)  # sweeps launch per point
+        if cmd is not None:
+            check_wandb_before_launch(name, experiment)
     except ConfigError as exc:
         return fail(name, str(exc), EXIT_USAGE)
     if cmd is not None:

@@ -20,7 +20,7 @@ from models.text_conditioning import CaptionTransformer, build_t5_encoder
 from models.unet import build_unet
 from models.vae import build_vae
 from models.denoiser import CaptionConditionedUNet
-from tests.helpers import assert_close_to_scale, run_stage
+from tests.helpers import assert_close_to_scale, run_recap, run_stage
 from train.config.sampling import RewriterConfig, SamplerConfig
 from train.t2i.prompt_rewriter import ChatRewriter, RewriteError, build_rewriter
 from train.stages.sample import read_prompts
@@ -212,6 +212,39 @@ def test_chat_rewriter_errors_are_clear_and_not_retried_when_final() -> None:
 def test_openai_rewriter_needs_url_and_model() -> None:
     with pytest.raises(ConfigError, match="url"):
         RewriterConfig(kind="openai", model="m").validate()
+
+
+def test_rewriter_url_with_credentials_is_refused_with_where_the_key_goes() -> None:
+    with pytest.raises(ConfigError) as caught:
+        RewriterConfig(kind="openai", url="http://alice:Pw0rd-xyz@127.0.0.1:8000/v1", model="m",
+                       api_key_env="MY_LLM_KEY").validate()
+    assert str(caught.value) == (
+        "url: has credentials in it (user:password@), which the rewriter does not send; give the URL without them "
+        "(http://127.0.0.1:8000/v1) and put the key in the environment variable rewriter.api_key_env names (now "
+        "MY_LLM_KEY): it is sent as 'Authorization: Bearer <key>'")
+    for url in ("127.0.0.1:8000/v1", "ftp://alice:Pw0rd-xyz@host/v1", "http://host:port/v1"):
+        with pytest.raises(ConfigError, match=r"^url: expected an http\(s\)://host\[:port\]/path URL") as caught:
+            RewriterConfig(kind="openai", url=url, model="m").validate()
+        assert "Pw0rd" not in str(caught.value)
+
+
+def test_sample_refuses_a_rewriter_url_with_credentials_before_connecting(tmp_path: Path) -> None:
+    """The CLI: exit 2 and one line before any work; the server never sees a request, and the
+    password is in no output and no file."""
+    password = "Sup3r-S3cret-pw"
+    with _StandIn() as server:
+        url = server.url.replace("http://", f"http://alice:{password}@")
+        result = run_recap(["sample", f"run.root={tmp_path}", "sample.sampler.pipeline=/nonexistent",
+                            "sample.prompts=[a cat]", "logger.wandb.mode=disabled", "sample.rewriter.kind=openai",
+                            f"sample.rewriter.url={url}", "sample.rewriter.model=upsampler"], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and server.requests == []
+    assert result.stderr.splitlines() == [
+        "recap sample: error: sample.rewriter.url: has credentials in it (user:password@), which the rewriter does "
+        f"not send; give the URL without them ({server.url}) and put the key in the environment variable "
+        "rewriter.api_key_env names (now OPENAI_API_KEY): it is sent as 'Authorization: Bearer <key>'"]
+    assert password not in result.stdout + result.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 def test_sample_stage_rewrites_prompts_and_keeps_the_key_out_of_files(trained: Path, tmp_path: Path,

@@ -22,3 +22,12 @@ def fail(stage: str, message: str, code: int) -> int:
     sys.stderr.write(f"recap {stage}: error: {redact_text(one_line)}\n")
     sys.stderr.flush()
     return code
+
+
+def warn(stage: str, message: str) -> None:
+    """Print ``recap STAGE: warning: MESSAGE`` as one redacted line on stderr (the run goes on)."""
+    from train.outputs.redaction import redact_text
+
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    sys.stderr.write(f"recap {stage}: warning: {redact_text(one_line)}\n")
+    sys.stderr.flush()

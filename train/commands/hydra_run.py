@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train.commands.exit_codes import EXIT_DATA, EXIT_DIVERGED, EXIT_USAGE, fail
+from train.commands.exit_codes import EXIT_DATA, EXIT_DIVERGED, EXIT_USAGE, fail, warn
 from train.commands.stage_table import STAGES, Stage, hydra_job_name
 from train.config.typed import ConfigError
 
@@ -108,6 +108,35 @@ def _run_point(name: str, output_dir: str, prefix: Sequence[str] = ()) -> int:
                             f"hydra.run.dir='{quoted_dir}'"])
 
 
+def _with_checked_wandb(name: str, experiment: Any, run_dir: Path) -> Any:
+    """The experiment as it will run, checked before any work by the process that talks to wandb
+    (rank 0; under Slurm, on the job's node, where the network matters): logger.wandb.mode=online
+    without an API key or a server that answers is ConfigError (exit 2), or offline after a
+    warning line when logger.wandb.fallback_offline allows it (config.yaml then records offline)."""
+    from dataclasses import replace
+
+    from train.outputs.wandb_preflight import checked_mode
+
+    wandb = experiment.logger.wandb
+    mode, warning = checked_mode(wandb, run_dir)
+    if warning:
+        warn(name, warning)
+    if mode == wandb.mode:
+        return experiment
+    return replace(experiment, logger=replace(experiment.logger, wandb=replace(wandb, mode=mode)))
+
+
+def check_wandb_before_launch(name: str, experiment: Any) -> None:
+    """Before this node starts a launcher (torchrun, DeepSpeed's): on the node of rank 0, an online
+    wandb run that cannot start is ConfigError here, one line, instead of rank 0's line amid the
+    launcher's report of a failed worker. Under fallback_offline rank 0 decides (and warns)."""
+    from train.outputs.wandb_preflight import checked_mode
+
+    wandb = experiment.logger.wandb
+    if STAGES[name].wandb and experiment.launcher.node_rank == 0 and not wandb.fallback_offline:
+        checked_mode(wandb)
+
+
 def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: Sequence[str] = ()) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -119,6 +148,7 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
     from train.training.loop import NonFiniteLoss
     from train.runtime.preemption import StagePreempted
     from train.config.loading import PRIMARY_CONFIG, conf_dir, experiment_from_omegaconf
+    from train.runtime.environment import global_rank
 
     failures: list[tuple[int, int]] = []  # (job number, exit code) of failed sweep points
 
@@ -133,6 +163,8 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
             return
         try:
             experiment = experiment_from_omegaconf(cfg)
+            if STAGES[name].wandb and global_rank() == 0:
+                experiment = _with_checked_wandb(name, experiment, Path(output_dir))
             importlib.import_module(STAGES[name].module).run(experiment, Path(output_dir))
         except ConfigError as exc:
             sys.exit(fail(name, str(exc), EXIT_USAGE))

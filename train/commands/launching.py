@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from train.commands.exit_codes import EXIT_USAGE, fail
 from train.commands.stage_table import STAGES, hydra_job_name
-from train.commands.hydra_run import MULTIRUN_FLAGS, checked_args, inside_launch, run_hydra
+from train.commands.hydra_run import MULTIRUN_FLAGS, check_wandb_before_launch, checked_args, inside_launch, run_hydra
 from train.config.typed import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ def launch(args: list[str]) -> int:
         if not multirun and experiment.launcher.kind == "slurm":
             return _submit_slurm(name, overrides, experiment, dry_run)
         cmd = None if multirun else launcher_command([name, *rest], experiment.launcher)
+        if cmd is not None and not dry_run:
+            check_wandb_before_launch(name, experiment)
     except ConfigError as exc:
         return fail(f"launch {name}", str(exc), EXIT_USAGE)
     if multirun:  # each point is its own `recap launch`: its own job, in its point's run directory

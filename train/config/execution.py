@@ -37,10 +37,21 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class WandbConfig:
+    """wandb logging (train/outputs/run_logging.py). ``online`` is checked before any work
+    (train/outputs/wandb_preflight.py): no API key, or a server that does not answer within
+    ``check_timeout_s``, stops the run with exit 2, or logs offline with a warning when
+    ``fallback_offline``."""
+
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "recap-diffusion"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    fallback_offline: bool = False  # mode=online that cannot start: log offline with a warning instead of exit 2
+    check_timeout_s: float = 5.0  # mode=online: how long the check before the run waits for the wandb server
+
+    def validate(self) -> None:
+        if not self.check_timeout_s > 0:
+            raise ConfigError("check_timeout_s", f"must be > 0, got {self.check_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from train.config.typed import ConfigError
 
@@ -21,12 +22,40 @@ DEFAULT_REWRITE_INSTRUCTION = (
 )
 
 
+def _check_endpoint_url(url: str, api_key_env: str | None) -> None:
+    """An http(s) URL without credentials in it.
+
+    ``user:password@host`` is refused rather than sent as Basic auth: OpenAI-compatible servers
+    (OpenAI, vLLM, llama.cpp, TGI) read their key from ``Authorization: Bearer``, so Basic auth
+    would only fail later, at the first prompt, with a 401; and urllib took the credentials for
+    part of the host name ("Name or service not known" even for 127.0.0.1). A key in the
+    environment also stays out of shell history and Hydra's overrides. The messages echo the URL
+    without its credentials."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise ConfigError("url", f"expected an http(s)://host[:port]/path URL (e.g. http://127.0.0.1:8000/v1), "
+                          f"got '{url.rsplit('@', 1)[-1]}'")  # never the part before an @ (credentials)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    bare = f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path}"
+    if parts.username is not None or parts.password is not None:
+        where = (f"the environment variable rewriter.api_key_env names (now {api_key_env})" if api_key_env else
+                 "an environment variable and name it in rewriter.api_key_env")
+        raise ConfigError("url", f"has credentials in it (user:password@), which the rewriter does not send; give "
+                          f"the URL without them ({bare}) and put the key in {where}: it is sent as "
+                          "'Authorization: Bearer <key>'")
+
+
 @dataclass(frozen=True)
 class RewriterConfig:
     """The prompt rewriter run before encoding: ``identity`` (default), or ``openai``: any
     OpenAI-compatible chat-completions endpoint at ``url`` (e.g. http://127.0.0.1:8000/v1; a local
     vLLM or llama.cpp server). The API key is read from the environment variable
-    ``api_key_env`` and never written anywhere."""
+    ``api_key_env``, sent as ``Authorization: Bearer`` and never written anywhere; a ``url`` with
+    credentials in it (user:password@) is refused."""
 
     kind: Literal["identity", "openai"] = "identity"
     url: str | None = None
@@ -42,6 +71,8 @@ class RewriterConfig:
         if self.kind == "openai" and (not self.url or not self.model):
             raise ConfigError("url", "rewriter.kind=openai needs rewriter.url (e.g. http://127.0.0.1:8000/v1) "
                               "and rewriter.model")
+        if self.kind == "openai" and self.url:
+            _check_endpoint_url(self.url, self.api_key_env)
         if self.timeout_s <= 0 or self.retries < 0 or self.max_tokens < 1:
             raise ConfigError("timeout_s", "timeout_s must be > 0, retries >= 0 and max_tokens >= 1")
 

@@ -16,9 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from train.config.execution import LoggerConfig
+from train.config.execution import LoggerConfig, WandbConfig
 from train.outputs.redaction import redact_text, redact_tree
-from train.config.typed import to_dict
+from train.outputs.wandb_preflight import OFFLINE_FIXES
+from train.config.typed import ConfigError, to_dict
 
 T = TypeVar("T")
 log = logging.getLogger("recap")
@@ -93,24 +94,9 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")
         if cfg.wandb.mode != "disabled":
-            import wandb
-
-            # wandb records the command line (sys.argv) in the run's metadata; overrides may
-            # carry secrets (a URL with a password), so it sees a redacted copy, and so does every
-            # value handed to it (tags went in clear: the offline run file kept the password).
-            argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
-            try:
-                self._wandb = wandb.init(
-                    project=redact_text(cfg.wandb.project), entity=cfg.wandb.entity and redact_text(cfg.wandb.entity),
-                    mode=cfg.wandb.mode, dir=str(run_dir), name=redact_text(f"{run_name}/{stage}"),
-                    group=redact_text(run_name), job_type=stage, tags=[redact_text(t) for t in cfg.wandb.tags],
-                    config=redact_tree(config), resume="allow", id=_wandb_id(run_dir),
-                    settings=wandb.Settings(silent=True),
-                )
-            finally:
-                sys.argv = argv
+            self._wandb = _start_wandb(run_dir, cfg.wandb, stage=stage, run_name=run_name, config=config)
+        self._file = open(self.path, "a")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -144,6 +130,43 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _start_wandb(run_dir: Path, cfg: WandbConfig, *, stage: str, run_name: str, config: dict[str, Any]) -> Any:
+    """The wandb run (``cfg.mode``: online or offline). Online was checked before the stage began
+    (wandb_preflight.py); should wandb.init still fail (the key refused, the server failing
+    meanwhile), that is one line too: ConfigError, or offline with a warning under fallback_offline."""
+    import wandb
+
+    try:
+        return _init_wandb(run_dir, cfg, cfg.mode, stage=stage, run_name=run_name, config=config)
+    except wandb.errors.Error as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if cfg.mode != "online" or not cfg.fallback_offline:
+            fix = f"; or run without the server: {OFFLINE_FIXES}" if cfg.mode == "online" else ""
+            raise ConfigError("logger.wandb.mode", f"{cfg.mode}, but wandb.init failed: {reason}{fix}") from None
+        log.warning("wandb could not start an online run (%s); logging offline instead "
+                    "(logger.wandb.fallback_offline=true)", reason)
+        return _init_wandb(run_dir, cfg, "offline", stage=stage, run_name=run_name, config=config)
+
+
+def _init_wandb(run_dir: Path, cfg: WandbConfig, mode: str, *, stage: str, run_name: str,
+                config: dict[str, Any]) -> Any:
+    import wandb
+
+    # wandb records the command line (sys.argv) in the run's metadata; overrides may carry
+    # secrets (a URL with a password), so it sees a redacted copy, and so does every value
+    # handed to it (tags went in clear: the offline run file kept the password).
+    argv, sys.argv = sys.argv, [redact_text(a) for a in sys.argv]
+    try:
+        return wandb.init(
+            project=redact_text(cfg.project), entity=cfg.entity and redact_text(cfg.entity), mode=mode,
+            dir=str(run_dir), name=redact_text(f"{run_name}/{stage}"), group=redact_text(run_name), job_type=stage,
+            tags=[redact_text(t) for t in cfg.tags], config=redact_tree(config), resume="allow",
+            id=_wandb_id(run_dir), settings=wandb.Settings(silent=True),
+        )
+    finally:
+        sys.argv = argv
 
 
 def _wandb_id(run_dir: Path) -> str:

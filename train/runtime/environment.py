@@ -12,6 +12,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def global_rank() -> int:
+    """This process's rank in the whole job (0 when run directly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def local_rank() -> int:
     """This process's index on its node (0 when run directly)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
