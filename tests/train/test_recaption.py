@@ -8,6 +8,8 @@ import hashlib
 import json
 import re
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -389,3 +391,34 @@ def test_keys_repeated_across_shards_are_counted_and_every_copy_is_written(setup
     for i, name in enumerate(REPEATS):
         write_tar(unique / name, [m for k in ("x", "y") for m in good_members(f"{k}{i}")])
     assert setup.run_here(tmp_path / "out_unique", f"recaption.input={unique}")["duplicate_keys_across_shards"] == 0
+
+
+def test_a_job_overlapping_a_live_jobs_shards_is_refused_and_array_tasks_share_the_output(setup: Setup,
+                                                                                         tmp_path: Path) -> None:
+    """Task 0 of a 2-task array is running (its lock names a live process): task 1 of the same
+    split works beside it; a single-process job on the same output (its shards would overlap
+    task 0's) is refused before any work, exit 2, naming the holder."""
+    from dataclasses import asdict
+
+    from train.runtime import run_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        holder = run_lock.Holder(host=socket.gethostname(), pid=sleeper.pid, pid_start=run_lock._pid_start(sleeper.pid),
+                                 job="slurm:500", slurm_job="500", slurm_restart=0, stage="recaption",
+                                 started="2026-12-07 09:00:00 UTC", token="t")
+        planted = out / run_lock.slot_name(0, 2)
+        planted.write_text(json.dumps(asdict(holder)))
+        setup.run(out, env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_JOB_ID": "501"})
+        assert len(list(out.glob(f"*{rc.STATS_SUFFIX}"))) == 4  # task 1's shards: 1, 3, 5, 7
+        stderr = setup.run(out, code=2)
+        assert stderr.strip().splitlines() == [
+            f"recap recaption: error: recaption.output: directory {out} is in use by recap recaption (host "
+            f"{holder.host}, pid {sleeper.pid}, Slurm job 500, started 2026-12-07 09:00:00 UTC): wait for it to end, "
+            f"or use another directory; if that job is gone, delete {planted}"]
+        assert len(list(out.glob(f"*{rc.STATS_SUFFIX}"))) == 4 and not list(out.glob(".*.partial"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -137,6 +137,20 @@ def check_wandb_before_launch(name: str, experiment: Any) -> None:
         checked_mode(wandb)
 
 
+def _run_stage(name: str, experiment: Any, run_dir: Path) -> None:
+    """Run stage ``name`` in ``run_dir``, holding the directory's lock (one job at a time; shard
+    jobs lock their rank's slot themselves, train/runtime/run_lock.py) and with wandb checked."""
+    from train.runtime.environment import global_rank
+    from train.runtime.run_lock import locked
+
+    rank = global_rank()
+    lock = contextlib.nullcontext() if STAGES[name].shard_job else locked(run_dir, name, "run.name", rank=rank)
+    with lock:
+        if STAGES[name].wandb and rank == 0:
+            experiment = _with_checked_wandb(name, experiment, run_dir)
+        importlib.import_module(STAGES[name].module).run(experiment, run_dir)
+
+
 def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: Sequence[str] = ()) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -148,7 +162,6 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
     from train.training.loop import NonFiniteLoss
     from train.runtime.preemption import StagePreempted
     from train.config.loading import PRIMARY_CONFIG, conf_dir, experiment_from_omegaconf
-    from train.runtime.environment import global_rank
 
     failures: list[tuple[int, int]] = []  # (job number, exit code) of failed sweep points
 
@@ -162,10 +175,7 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
                 failures.append((hydra_cfg.job.num, code))
             return
         try:
-            experiment = experiment_from_omegaconf(cfg)
-            if STAGES[name].wandb and global_rank() == 0:
-                experiment = _with_checked_wandb(name, experiment, Path(output_dir))
-            importlib.import_module(STAGES[name].module).run(experiment, Path(output_dir))
+            _run_stage(name, experiment_from_omegaconf(cfg), Path(output_dir))
         except ConfigError as exc:
             sys.exit(fail(name, str(exc), EXIT_USAGE))
         except (DataError, CheckpointError) as exc:

@@ -17,6 +17,7 @@ class Stage:
     batch_section: str | None = None  # config section with global/micro batch sizes, checked before launch
     precheck: bool = False  # the module's `check(cfg)` validates arguments before launch (exit 2)
     wandb: bool = False  # logs to wandb (logger.wandb): mode=online is checked before the stage runs
+    shard_job: bool = False  # each process locks its slot of the run and output directories (run_lock.py)
 
 
 STAGES: dict[str, Stage] = {
@@ -32,13 +33,13 @@ STAGES: dict[str, Stage] = {
     "evaluate-captioner": Stage("train.stages.evaluate_captioner", "Score alt-text, SSC and DSC captions on held-out toy "
                                 "samples: attribute precision/recall."),
     "recaption": Stage("train.stages.recaption", "Write SSC and DSC captions into every training shard (distributed, "
-                       "resumable, exactly-once).", precheck=True),
+                       "resumable, exactly-once).", precheck=True, shard_job=True),
     "train-tokenizer": Stage("train.stages.train_tokenizer", "Fit the toy T5 tokenizer on the recaptioned captions "
                              "(saved in Hugging Face format)."),
     "train-vae": Stage("train.stages.train_vae", "Train the toy AutoencoderKL on training images; export a diffusers folder.",
                        batch_section="train_vae", wandb=True),
     "cache": Stage("train.stages.cache", "Precompute VAE latents (per resolution stage) and T5 states (per caption key) "
-                   "into cache shards for train-t2i (distributed, resumable).", precheck=True),
+                   "into cache shards for train-t2i (distributed, resumable).", precheck=True, shard_job=True),
     "train-t2i": Stage("train.stages.train_t2i", "Train the T5-conditioned latent diffusion UNet on the recaptioned shards "
                        "(caption mix, buckets, progressive resolution, EMA); export a diffusers pipeline.", precheck=True,
                        wandb=True),

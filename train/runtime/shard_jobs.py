@@ -9,7 +9,7 @@ output directories and the rank, this process's shards still to do, writing them
 stage's failpoints (``<stage>_batch=N`` / ``<stage>_shard=N``, train/runtime/failpoints.py),
 preemption, and the names a process writes. The stage keeps what it computes per batch.
 
-Preemption: while ``with job.watch:`` is open (the stage wraps its work in it), SIGTERM or
+Preemption: while ``with job.running(...):`` is open (the stage wraps its work in it), SIGTERM or
 SIGUSR1 is only recorded; the job stops before its next batch, abandons the shards in progress
 (their ``.partial`` files are removed; nothing half-written is ever marked done) and raises
 ShardsPreempted, which `recap` turns into exit 75. The rerun writes the rest, and the result is
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from train.config.typed import ConfigError
 from train.runtime.environment import is_node_console
 from train.runtime.failpoints import maybe_fail
 from train.runtime.preemption import PreemptionWatch, ShardsPreempted
+from train.runtime.run_lock import locked
 
 _STOPPING = "stopping before the next batch (the shards in progress are abandoned), then exiting"
 
@@ -81,7 +83,7 @@ class ShardJob:
     ``stage`` names the job's log file, progress bar, failpoints and summary (it is also the
     config section); ``stats_suffix`` names an output shard's done marker; ``console``: this
     process owns its node's console (one per node under torchrun, every array task); ``watch``
-    records SIGTERM/SIGUSR1 while the stage holds it open (``with job.watch:``).
+    records SIGTERM/SIGUSR1 while the stage holds it open (``running``).
     """
 
     stage: str
@@ -100,6 +102,19 @@ class ShardJob:
     def summary_file(self) -> str:
         """``summary.json`` for a lone process, else one ``summary.rank<R>.json`` per rank."""
         return "summary.json" if self.world == 1 else f"summary.rank{self.rank}.json"
+
+    @contextmanager
+    def running(self, run_dir: Path, output: Path) -> Iterator[None]:
+        """While the stage works: hold this process's slot (rank of world size) of the run and
+        output directories (train/runtime/run_lock.py: another job on them is refused, exit 2) and
+        record SIGTERM/SIGUSR1 (``watch``)."""
+        slot = (self.rank, self.world)
+        with ExitStack() as stack:
+            stack.enter_context(locked(run_dir, self.stage, "run.name", slot=slot))
+            if Path(output).resolve() != Path(run_dir).resolve():
+                stack.enter_context(locked(output, self.stage, f"{self.stage}.output", slot=slot))
+            stack.enter_context(self.watch)
+            yield
 
     def tasks(self, urls: Sequence[str], output: Path, *,
               redo_failures: bool = False) -> tuple[list[shards.ShardTask], int]:

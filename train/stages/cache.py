@@ -142,7 +142,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     urls = check(cfg)
     c = cfg.cache
     job = start_job("cache", c.rank, c.world_size, stats_suffix=latent_cache.STATS_SUFFIX)
-    with job.watch:  # SIGTERM/SIGUSR1 from here on: stop before the next batch, exit 75
+    with job.running(run_dir, Path(c.output)):  # locked; SIGTERM/SIGUSR1: stop before the next batch, exit 75
         return _run(cfg, run_dir, urls, job)
 
 
