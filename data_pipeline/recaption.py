@@ -177,7 +177,9 @@ class ShardBatches(IterableDataset):
             for raw in shard_io.iter_raw_samples(stream, report_cut=True):
                 if raw == shard_io.NOT_A_TAR:
                     batch.failures.append(_failure(None, shard_io.NOT_A_TAR, shard_io.NOT_A_TAR_DETAIL))
-                if isinstance(raw, str):  # TRUNCATED_TAR: the key at the cut was reported just before
+                elif raw == shard_io.TRUNCATED_TAR and count == 0:  # an empty file: as the reader counts it
+                    batch.failures.append(_failure(None, shard_io.TRUNCATED_TAR, "the shard ends before its first sample"))
+                if isinstance(raw, str):  # TRUNCATED_TAR after a sample: its key was reported just before
                     continue
                 count += 1
                 if raw.key in previous and not raw.fault:

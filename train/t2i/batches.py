@@ -158,7 +158,9 @@ def mix_report(rt: Runtime, batches: BucketedBatches) -> dict[str, float]:
 def batches_summary(rt: Runtime, batches: BucketedBatches) -> dict[str, Any]:
     """What the batches did over the run, for summary.json (a collective: every rank calls it)."""
     return {"caption_mix": mix_report(rt, batches), "read_ahead_dropped_at_stage_switches": batches.discarded,
-            "moved_to_neighbour_bucket": batches.queues.moved}
+            "moved_to_neighbour_bucket": batches.queues.moved,
+            # samples read that had no caption of any mixed key (all ranks): not trained on
+            "samples_without_caption": sum(rt.gather_objects(batches.mix.dropped))}
 
 
 def check_cache(cache: str, resolutions: Iterable[int], weights: Mapping[str, float]) -> None:
