@@ -22,7 +22,7 @@ from train.captioning.coca_training import contrastive_only_parameters
 CAPTION_SCRIPT = r"""
 import sys
 import transformers
-transformers.BeamSearchScorer = None  # open_clip 3.3 turns generate off when transformers 5 lacks it (docs/captioner.md)
+transformers.BeamSearchScorer = None  # else open_clip 3.3 turns generate off under transformers 5 (docs/captioner.md)
 import open_clip, torch
 from PIL import Image
 folder, image_file, out = sys.argv[1:4]

@@ -33,7 +33,7 @@ CAPTIONS = ["a large red circle in the top left on a beige background.", "A smal
 OPEN_CLIP_SCRIPT = r"""
 import sys
 import transformers
-transformers.BeamSearchScorer = None  # open_clip 3.3 turns generate off when transformers 5 lacks it (docs/captioner.md)
+transformers.BeamSearchScorer = None  # else open_clip 3.3 turns generate off under transformers 5 (docs/captioner.md)
 import torch, open_clip
 folder, captions, out = sys.argv[1], sys.argv[2].split("|"), sys.argv[3]
 model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)

@@ -291,7 +291,8 @@ def test_export_loads_and_generates_without_recap(components, exported, tmp_path
 
 
 def test_an_export_from_before_the_code_travelled_still_loads(components, exported, tmp_path) -> None:
-    """Exports written without the code files name ``models.text_conditioning`` and the class by name."""
+    """Exports written without the code files name ``models.text_conditioning`` and the class by
+    name: recap still loads them, and saving again writes the self-contained form."""
     old = tmp_path / "old"
     shutil.copytree(exported, old)
     for name in ("recap_pipeline.py", "text_conditioning.py", "caption_transformer/text_conditioning.py"):
@@ -303,6 +304,10 @@ def test_an_export_from_before_the_code_travelled_still_loads(components, export
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.caption_transformer) is CaptionTransformer
     assert torch.equal(_sample(loaded, seed=3), _sample(_pipe(components), seed=3))
+    loaded.save_pretrained(tmp_path / "new")  # re-saved: self-contained (docs/train_t2i.md)
+    resaved = json.loads((tmp_path / "new" / "model_index.json").read_text())
+    assert resaved["_class_name"] == ["recap_pipeline", "RecapPipeline"]
+    assert (tmp_path / "new" / "recap_pipeline.py").read_bytes() == (exported / "recap_pipeline.py").read_bytes()
 
 
 def test_save_pretrained_refuses_push_to_hub(components, tmp_path) -> None:
