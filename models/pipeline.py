@@ -9,32 +9,45 @@ unconditional input the trainer's caption dropout (``models.diffusion.drop_capti
     eps = eps(x_t, "") + guidance_scale * (eps(x_t, caption) - eps(x_t, ""))
 
 ``pipe.save_pretrained(folder)`` (or ``export_pipeline``) writes one subfolder per component plus
-``model_index.json``; ``RecapPipeline.from_pretrained(folder)`` reads it back offline.
+``model_index.json``, and the code diffusers cannot know, the way its community pipelines carry
+theirs: this file as ``recap_pipeline.py`` (with ``text_conditioning.py``, which it imports) and
+``caption_transformer/text_conditioning.py``, named in model_index.json as
+``"_class_name": ["recap_pipeline", "RecapPipeline"]`` and
+``"caption_transformer": ["text_conditioning", "CaptionTransformer"]``. Whoever has only
+diffusers and transformers loads it with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``: diffusers (0.42) imports
+the root file as the pipeline class and the component folder's file as the component class.
+So the two files are copied verbatim, not maintained twice: models/text_conditioning.py imports
+only libraries, and this module only libraries and text_conditioning, relatively (the one import
+that works both in the ``models`` package and among diffusers' copies of the two files).
 
-How the xf stage's library is found again: diffusers records a component whose top-level package
-is not one it knows (diffusers, transformers, ...) under its *full module path*, so
-model_index.json holds ``"caption_transformer": ["models.text_conditioning", "CaptionTransformer"]``.
-On loading, diffusers (0.42) deliberately imports no module a repository names; it takes that
-name from ``sys.modules``. This file imports ``models.text_conditioning`` at the top, so whoever
-holds ``RecapPipeline`` has the module loaded, and no re-export from ``models/__init__.py`` nor
-override of the loader is needed. (``DiffusionPipeline.from_pretrained`` without our class would
-not know ``RecapPipeline``; load with ``RecapPipeline.from_pretrained``.)
+``RecapPipeline.from_pretrained(folder)`` (sampling, evaluation) runs the code in hand instead,
+offline and without trust_remote_code: ``load_config`` reads the two entries as this class and
+this module's ``CaptionTransformer``. Exports written before the code travelled name
+``models.text_conditioning`` and load the same way.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from models.text_conditioning import CaptionTransformer, encode_captions
+# Relative, so that diffusers' copy of this file imports its copy of text_conditioning.py.
+from .text_conditioning import CaptionTransformer, encode_captions
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
+INDEX_FILE = "model_index.json"
+PIPELINE_MODULE = "recap_pipeline"  # <folder>/recap_pipeline.py: a copy of this file
+COMPONENT_MODULE = "text_conditioning"  # <folder>/{., caption_transformer}/text_conditioning.py
 
 
 def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +75,45 @@ class RecapPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->caption_transformer->unet->vae"
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, caption_transformer: CaptionTransformer,
+    # caption_transformer is a CaptionTransformer, annotated by its base class: diffusers checks
+    # components against these annotations, and loading an export's code it executes
+    # text_conditioning.py again for the component, a class other than the one this file imported.
+    def __init__(self, tokenizer: Any, text_encoder: Any, caption_transformer: ModelMixin,
                  unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: Any) -> None:
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, caption_transformer=caption_transformer,
                               unet=unet, vae=vae, scheduler=scheduler)
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' reading of model_index.json (``from_pretrained`` asks this class), with the
+        export's code entries read as this class and this module's ``CaptionTransformer``: the code
+        in hand runs, not the folder's copy of it, and no trust_remote_code is needed."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded  # (config, unused kwargs[, commit])
+        if isinstance(config.get("_class_name"), list):  # [module file, class]: the folder's own code
+            config["_class_name"] = cls.__name__
+        if (config.get("caption_transformer") or [None, None])[1] == CaptionTransformer.__name__:
+            config["caption_transformer"] = [CaptionTransformer.__module__, CaptionTransformer.__name__]
+        return loaded
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' save, plus the code that loads it without this repository (module docstring):
+        this file as recap_pipeline.py, text_conditioning.py beside it and in caption_transformer/,
+        and model_index.json naming the two."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(folder) without push_to_hub, then upload the folder: the pipeline's "
+                             "code files are written after diffusers' own push")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        component_source = inspect.getsourcefile(CaptionTransformer)
+        shutil.copyfile(inspect.getsourcefile(RecapPipeline), folder / f"{PIPELINE_MODULE}.py")
+        for target in (folder, folder / "caption_transformer"):
+            shutil.copyfile(component_source, target / f"{COMPONENT_MODULE}.py")
+        index = json.loads((folder / INDEX_FILE).read_text())
+        index["_class_name"] = [PIPELINE_MODULE, RecapPipeline.__name__]
+        index["caption_transformer"] = [COMPONENT_MODULE, CaptionTransformer.__name__]
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")  # as diffusers writes it
 
     @property
     def vae_scale_factor(self) -> int:
@@ -177,7 +224,8 @@ class RecapPipeline(DiffusionPipeline):
 def export_pipeline(folder: str | Path, *, tokenizer: Any, text_encoder: Any, caption_transformer: CaptionTransformer,
                     unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: Any) -> Path:
     """Write the model in diffusers format (safetensors): ``folder``/{unet, vae, text_encoder,
-    tokenizer, scheduler, caption_transformer}/ + model_index.json. Returns ``folder``."""
+    tokenizer, scheduler, caption_transformer}/ + model_index.json, and the code that loads it
+    without this repository (``RecapPipeline.save_pretrained``). Returns ``folder``."""
     folder = Path(folder)
     pipe = RecapPipeline(tokenizer=tokenizer, text_encoder=text_encoder, caption_transformer=caption_transformer,
                          unet=unet, vae=vae, scheduler=scheduler)

@@ -38,6 +38,34 @@ def run_recap(args: list[str], env: dict[str, str] | None = None, timeout: int =
                           text=True, timeout=timeout, start_new_session="group=1" in full_env.get("RECAP_FAULT", ""))
 
 
+# Run first in a script for `run_without_recap`: importing this repository's packages fails, as for a
+# user with only the libraries (the venv's editable install would find them from any directory).
+RECAP_PACKAGES = ("models", "train", "data_pipeline", "launch")
+BLOCK_RECAP = f"""
+import importlib.abc, sys
+class _NoRecap(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {RECAP_PACKAGES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: only the libraries are installed)")
+sys.meta_path.insert(0, _NoRecap())
+for _name in {RECAP_PACKAGES!r}:
+    try:
+        __import__(_name)
+    except ModuleNotFoundError:
+        continue
+    sys.exit(f"{{_name}} is importable")
+"""
+
+
+def run_without_recap(script: str, args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python -c BLOCK_RECAP + script *args`` in ``cwd`` (not the repository), without PYTHONPATH,
+    offline, with Hugging Face's caches (diffusers' copies of custom code) under ``cwd``/hf."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_MODULES_CACHE")}
+    env.update(HF_HOME=str(cwd / "hf"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", BLOCK_RECAP + script, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def logged_losses(run_dir: Path) -> dict[int, list[float]]:
     """step -> every loss logged for it in metrics.jsonl (a replayed step appears twice)."""
     out: dict[int, list[float]] = {}

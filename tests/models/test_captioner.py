@@ -10,11 +10,30 @@ import pytest
 import torch
 
 from data_pipeline.transforms import CaptionPairs
+from models.caption_decoding import DecodingOptions, decode_text, generate_tokens
 from models.captioner import (CONFIG_FILE, EOT_ID, SOT_ID, WEIGHTS_FILE, CaptionerTraining, build_captioner,
                               caption_loss, export_captioner, image_transform, load_exported, tokenizer)
 from tests.helpers import TINY_COCA as ARCH
+from tests.helpers import run_without_recap
 from train.captioning.coca_training import contrastive_only_parameters
 
+# A user with open_clip and transformers only (tests/helpers.py blocks this repository): the export,
+# its tokenizer and preprocessing, and greedy generate on one image file.
+CAPTION_SCRIPT = r"""
+import sys
+import transformers
+transformers.BeamSearchScorer = None  # else open_clip 3.3 turns generate off under transformers 5 (docs/captioner.md)
+import open_clip, torch
+from PIL import Image
+folder, image_file, out = sys.argv[1:4]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+image = preprocess(Image.open(image_file)).unsqueeze(0)
+with torch.no_grad():
+    generated = model.eval().generate(image, generation_type="top_k", top_k=1, seq_len=12, min_seq_len=4)
+torch.save({"image": image, "generated": generated, "text": open_clip.decode(generated[0]),
+            "tokenizer": type(tokenizer).__name__, "ids": tokenizer(["a red circle"])}, out)
+"""
 CAPTIONS = ["a red circle", "two shapes: a large blue dotted hexagon and a small green star on a beige background",
             "IMG_4821.jpg", "the word \"apple\" is written in pink"]
 
@@ -158,3 +177,26 @@ def test_split_transform_equals_open_clips_bit_for_bit(mode: str) -> None:
     pixels = torch.stack([split.pixels(img) for img in images])
     assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 32, 32)
     assert torch.equal(split.normalize(pixels), torch.stack([reference(img) for img in images]))
+
+
+def test_export_captions_in_plain_open_clip_without_recap(tmp_path: Path) -> None:
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = build_captioner("coca_test", ARCH).eval()
+    with torch.no_grad():  # a random model: EOT and pad pushed down, so its caption has some length
+        model.text_decoder.text_projection[:, [EOT_ID, 0]] -= 0.5
+    export_captioner(model, ARCH, tmp_path / "captioner", "coca_test")
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    result = run_without_recap(CAPTION_SCRIPT, ["captioner", "image.png", "out.pt"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    assert theirs["tokenizer"] == "SimpleTokenizer" and torch.equal(theirs["ids"], tokenizer(model)(["a red circle"]))
+    assert torch.equal(theirs["image"], image_transform(model)(Image.open(tmp_path / "image.png")).unsqueeze(0))
+    row = theirs["generated"][0].tolist()
+    assert row[0] == SOT_ID and row[-1] == EOT_ID and len(row) == 12  # forced to end at seq_len
+    ours = generate_tokens(model, theirs["image"], DecodingOptions(max_length=12, min_length=4))
+    assert ours == [row[1:-1]]  # our greedy decoder, token for token
+    text = decode_text(ours[0], open_clip.tokenizer.SimpleTokenizer())
+    assert len(text) > 10 and theirs["text"] == f"<start_of_text>{text} <end_of_text>"

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -20,7 +18,7 @@ from models.caption_decoding import DecodingOptions, content_tokens, decode_text
 from models.captioner import (CONFIG_FILE, WEIGHTS_FILE, CaptionerTraining, build_captioner, caption_loss,
                               export_captioner, load_exported, load_exported_tokenizer, tokenizer, with_vocab_size)
 from models.captioner_tokenizer import OPEN_CLIP_IDS, SpecialIds, fitted_tokenizer
-from tests.helpers import TINY_COCA
+from tests.helpers import TINY_COCA, run_without_recap
 from train.captioning.exported import load_captioner
 
 VOCAB = 160
@@ -31,12 +29,12 @@ CORPUS = [f"a {size} {colour} {shape} in the {place} on a {bg} background."
           for place in ("top left", "centre") for bg in ("beige", "dark gray")]
 CAPTIONS = ["a large red circle in the top left on a beige background.", "A small Blue star.", "IMG_4821.jpg",
             'the word "apple" is written in green']
-# Plain open_clip, in a fresh interpreter: nothing of this repository is imported.
+# Plain open_clip, in a fresh interpreter where this repository cannot be imported (tests/helpers.py).
 OPEN_CLIP_SCRIPT = r"""
-import sys, torch, open_clip, open_clip.coca_model
-from transformers import TopKLogitsWarper
-open_clip.coca_model._has_transformers = True  # open_clip 3.3 disables generate under transformers 5
-open_clip.coca_model.GENERATION_TYPES["top_k"] = TopKLogitsWarper  # (benchmarks/caption_decoding.py)
+import sys
+import transformers
+transformers.BeamSearchScorer = None  # else open_clip 3.3 turns generate off under transformers 5 (docs/captioner.md)
+import torch, open_clip
 folder, captions, out = sys.argv[1], sys.argv[2].split("|"), sys.argv[3]
 model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
 tok = open_clip.get_tokenizer("local-dir:" + folder)
@@ -132,8 +130,8 @@ def test_export_with_the_fitted_tokenizer_loads_in_plain_open_clip_elsewhere(coc
     shutil.rmtree(tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run([sys.executable, "-c", OPEN_CLIP_SCRIPT, "../moved/captioner", "|".join(CAPTIONS),
-                             str(tmp_path / "out.pt")], cwd=elsewhere, capture_output=True, text=True, timeout=240)
+    result = run_without_recap(OPEN_CLIP_SCRIPT, ["../moved/captioner", "|".join(CAPTIONS), str(tmp_path / "out.pt")],
+                               elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = torch.load(tmp_path / "out.pt")
     assert theirs["tokenizer"] == "HFTokenizer" and theirs["vocab"] == VOCAB and theirs["special"] == (1, 2, 0)

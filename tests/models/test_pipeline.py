@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from models.pipeline import RecapPipeline, export_pipeline, guided, pad_tokens
 from models.text_conditioning import CaptionTransformer, build_t5_encoder, encode_captions
 from models.unet import build_unet
 from models.vae import build_vae
-from tests.helpers import assert_close_to_scale
+from tests.helpers import REPO, assert_close_to_scale, run_without_recap
 
 TINY_T5 = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 2}
 TINY_UNET = dict(block_out_channels=[32, 64], attention_levels=[False, True], layers_per_block=1,
@@ -24,6 +25,32 @@ TINY_UNET = dict(block_out_channels=[32, 64], attention_levels=[False, True], la
 PROMPTS = ["a red cat on the left", "a big blue square"]
 COLOURS, SHAPES, PLACES = ["red", "blue", "green", "small", "big"], ["circle", "square", "cat"], ["left", "right"]
 STEPS = 4
+TEXT_CONDITIONING = REPO / "models" / "text_conditioning.py"
+# What a user with only diffusers and transformers runs (tests/helpers.py blocks this repository's
+# packages): plain diffusers without trust_remote_code refuses, with it generates; the tokenizer
+# folder reads with AutoTokenizer; a save from that pipeline carries the code on.
+STANDALONE_SCRIPT = r"""
+import sys
+import torch
+from diffusers import DiffusionPipeline
+from transformers import AutoTokenizer
+folder, out, prompts = sys.argv[1], sys.argv[2], sys.argv[3].split("|")
+try:
+    DiffusionPipeline.from_pretrained(folder)
+    refused = ""
+except ValueError as exc:
+    refused = str(exc)
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+images = pipe(prompts, height=32, width=64, num_inference_steps=4, guidance_scale=3.0,
+              generator=torch.Generator().manual_seed(9), output_type="pt")
+tokenizer = AutoTokenizer.from_pretrained(folder + "/tokenizer")
+pipe.save_pretrained(out + "/again")
+torch.save({"refused": refused, "images": images, "ids": tokenizer(prompts).input_ids,
+            "tokenizer": type(tokenizer).__name__, "max_tokens": tokenizer.model_max_length,
+            "classes": [type(m).__module__ + "." + type(m).__name__ for m in (pipe, pipe.caption_transformer)]},
+           out + "/out.pt")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +203,14 @@ def test_deterministic_schedulers_run(components, scheduler_class: type) -> None
 
 def test_export_writes_diffusers_layout(exported) -> None:
     index = json.loads((exported / "model_index.json").read_text())
-    assert index["_class_name"] == "RecapPipeline"
-    # A component from outside diffusers/transformers is recorded under its full module path.
-    assert index["caption_transformer"] == ["models.text_conditioning", "CaptionTransformer"]
+    # The code diffusers does not know travels in the folder, as community pipelines' does:
+    # <folder>/recap_pipeline.py and <folder>/caption_transformer/text_conditioning.py.
+    assert index["_class_name"] == ["recap_pipeline", "RecapPipeline"]
+    assert index["caption_transformer"] == ["text_conditioning", "CaptionTransformer"]
+    pipeline_code, component_code = (REPO / "models" / "pipeline.py").read_bytes(), TEXT_CONDITIONING.read_bytes()
+    assert (exported / "recap_pipeline.py").read_bytes() == pipeline_code
+    assert (exported / "text_conditioning.py").read_bytes() == component_code  # recap_pipeline.py imports it
+    assert (exported / "caption_transformer" / "text_conditioning.py").read_bytes() == component_code
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["text_encoder"][1] == "T5EncoderModel"
     for name in ["unet", "vae", "caption_transformer"]:
         assert (exported / name / "diffusion_pytorch_model.safetensors").is_file(), name
@@ -227,10 +259,58 @@ def test_a_ddim_export_reloads_its_scheduler(components, tmp_path) -> None:
 
 
 def test_reloaded_pipeline_gives_identical_images(components, exported) -> None:
-    loaded = RecapPipeline.from_pretrained(exported)
+    loaded = RecapPipeline.from_pretrained(exported)  # our classes, not the folder's copies
     loaded.set_progress_bar_config(disable=True)
-    assert isinstance(loaded.caption_transformer, CaptionTransformer)
+    assert type(loaded) is RecapPipeline and type(loaded.caption_transformer) is CaptionTransformer
     assert type(loaded.scheduler) is DDPMScheduler
     pipe = _pipe(components)
     for scale in (1.0, 5.0):
         assert torch.equal(_sample(loaded, seed=9, guidance_scale=scale), _sample(pipe, seed=9, guidance_scale=scale))
+
+
+def test_export_loads_and_generates_without_recap(components, exported, tmp_path) -> None:
+    result = run_without_recap(STANDALONE_SCRIPT, [str(exported), str(tmp_path), "|".join(PROMPTS)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    assert "contains custom code in recap_pipeline.py" in theirs["refused"]
+    assert "Pass `trust_remote_code=True`" in theirs["refused"]
+    assert theirs["classes"] == ["diffusers_modules.local.recap_pipeline.RecapPipeline",
+                                 "diffusers_modules.local.text_conditioning.CaptionTransformer"]
+    assert "Expected types" not in result.stderr  # diffusers' component type check passes
+    ours = RecapPipeline.from_pretrained(exported)
+    ours.set_progress_bar_config(disable=True)
+    assert torch.equal(theirs["images"], _sample(ours, seed=9, guidance_scale=3.0))  # same code, same machine
+    assert theirs["tokenizer"] == "TokenizersBackend" and theirs["max_tokens"] == 16
+    assert theirs["ids"] == components["tokenizer"](PROMPTS).input_ids
+    again = tmp_path / "again"
+    resaved = json.loads((again / "model_index.json").read_text())
+    assert resaved.pop("_name_or_path") == str(exported)  # diffusers notes where a loaded pipeline came from
+    assert resaved == json.loads((exported / "model_index.json").read_text())
+    for name in ("recap_pipeline.py", "text_conditioning.py", "caption_transformer/text_conditioning.py"):
+        assert (again / name).read_bytes() == (exported / name).read_bytes(), name
+
+
+def test_an_export_from_before_the_code_travelled_still_loads(components, exported, tmp_path) -> None:
+    """Exports written without the code files name ``models.text_conditioning`` and the class by
+    name: recap still loads them, and saving again writes the self-contained form."""
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    for name in ("recap_pipeline.py", "text_conditioning.py", "caption_transformer/text_conditioning.py"):
+        (old / name).unlink()
+    index = json.loads((old / "model_index.json").read_text())
+    index.update(_class_name="RecapPipeline", caption_transformer=["models.text_conditioning", "CaptionTransformer"])
+    (old / "model_index.json").write_text(json.dumps(index))
+    loaded = RecapPipeline.from_pretrained(old)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.caption_transformer) is CaptionTransformer
+    assert torch.equal(_sample(loaded, seed=3), _sample(_pipe(components), seed=3))
+    loaded.save_pretrained(tmp_path / "new")  # re-saved: self-contained (docs/train_t2i.md)
+    resaved = json.loads((tmp_path / "new" / "model_index.json").read_text())
+    assert resaved["_class_name"] == ["recap_pipeline", "RecapPipeline"]
+    assert (tmp_path / "new" / "recap_pipeline.py").read_bytes() == (exported / "recap_pipeline.py").read_bytes()
+
+
+def test_save_pretrained_refuses_push_to_hub(components, tmp_path) -> None:
+    with pytest.raises(ValueError, match="without push_to_hub, then upload the folder"):
+        _pipe(components).save_pretrained(tmp_path / "pushed", push_to_hub=True)
+    assert not (tmp_path / "pushed").exists()

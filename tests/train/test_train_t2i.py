@@ -63,6 +63,10 @@ def test_toy_run_trains_mixes_captions_and_exports_the_ema_pipeline(inputs, tmp_
     assert abs(dropped - 0.2) < 4 * math.sqrt(0.2 * 0.8 / n)
     assert (run_dir / "samples" / "step_0000040.png").is_file()
 
+    # the export carries the code that loads it without recap (tests/models/test_pipeline.py)
+    pipeline_index = json.loads((run_dir / "pipeline" / "model_index.json").read_text())
+    assert pipeline_index["_class_name"] == ["recap_pipeline", "RecapPipeline"]
+    assert (run_dir / "pipeline" / "caption_transformer" / "text_conditioning.py").is_file()
     # the export is the EMA weights, loadable by diffusers' own classes
     from diffusers import UNet2DConditionModel
 
