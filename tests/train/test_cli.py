@@ -47,8 +47,8 @@ def test_top_level_help_lists_every_stage(workdir):
     assert lines[0] == "usage: recap STAGE [key=value ...] [group=option ...] [-m]"
     for name, stage in STAGES.items():
         assert any(line.split()[:1] == [name] and line.rstrip().endswith(stage.summary) for line in lines), name
-    exit_codes = lines.index("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, "
-                             "4 training diverged,")
+    exit_codes = lines.index("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data, unusable or unsaved "
+                             "checkpoint, 4 training diverged,")
     assert lines[exit_codes + 1].split() == "75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command "\
         "to resume).".split()
     assert list(workdir.iterdir()) == []
