@@ -8,7 +8,8 @@ the command or the sbatch script instead. docs/slurm.md is the runbook.
 Every stage composes conf/recap.yaml; overrides are checked before any work starts, and a
 mistake (unknown stage, unknown key, wrong type, bad option) exits with code 2 and one line
 naming the key and the valid choices. Exit codes: 0 done, 1 crash, 2 usage/config error,
-3 data error (too many bad samples, or an unusable checkpoint), 4 training diverged (a
+3 data error (too many bad samples, an unusable checkpoint, or a checkpoint save that failed:
+disk full, quota, I/O error), 4 training diverged (a
 non-finite loss under nan_policy=fail, or too many skipped steps in a row), 75 preempted (SIGTERM
 or SIGUSR1: a checkpoint was saved at the same step on every rank; rerun the same command).
 
@@ -35,7 +36,8 @@ def _print_help(file: TextIO | None = None) -> None:
              *(f"  {name:<{width}}  {stage.summary}" for name, stage in STAGES.items()),
              "\n`recap STAGE --help` lists the config groups; `recap STAGE --cfg job` prints the composed config.",
              "`recap launch STAGE ... [--dry-run]` starts a stage with its launcher: torchrun, DeepSpeed, or a Slurm job.",
-             "Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, 4 training diverged,",
+             "Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data, unusable or unsaved checkpoint, "
+             "4 training diverged,",
              "            75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command to resume)."]
     print("\n".join(lines), file=file or sys.stdout)
 

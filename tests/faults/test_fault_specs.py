@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
-from train.runtime.failpoints import Fault, maybe_fail, parse_faults, poison_loss
+from train.runtime.failpoints import PARTIAL_BYTES, Fault, maybe_fail, maybe_fail_write, parse_faults, poison_loss
 
 
 def test_parse_actions_points_rank_group_and_several_faults() -> None:
@@ -56,3 +57,21 @@ def test_maybe_fail_sends_the_signal_to_the_process_or_its_group(monkeypatch: py
     monkeypatch.delenv("RECAP_FAULT")
     maybe_fail(rank=0, step=2)
     assert len(sent) == 2
+
+
+def test_write_faults_fail_the_named_file_with_their_errno(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_faults("enospc@save=4,rank=1;eio@save=2") == [Fault("enospc", {"save": 4}, rank=1),
+                                                               Fault("eio", {"save": 2})]
+    monkeypatch.setenv("RECAP_FAULT", "enospc@save=4,rank=1;edquot@save=6;eio@save=8")
+    target = tmp_path / "rank_00001.pt"
+    maybe_fail_write(target, rank=0, save=4)  # another rank
+    maybe_fail_write(target, rank=1, save=3)  # another save
+    maybe_fail(rank=1, save=4)  # the signal failpoint ignores write faults
+    assert not target.exists()
+    for rank, step, errno, text in [(1, 4, 28, "No space left on device"), (0, 6, 122, "Disk quota exceeded"),
+                                    (0, 8, 5, "Input/output error")]:
+        with pytest.raises(OSError) as caught:
+            maybe_fail_write(target, rank=rank, save=step)
+        assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (errno, text, str(target))
+        assert target.read_bytes() == b"\0" * PARTIAL_BYTES  # the start of the file, as a write cut short leaves
+        target.unlink()

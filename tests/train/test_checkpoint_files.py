@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,6 +65,51 @@ def test_only_committed_directories_count_and_debris_is_removed(tmp_path: Path) 
     assert files.committed_steps(tmp_path) == [1, 2]
     assert files.remove_debris(tmp_path) == [".tmp-step_000000003", "step_000000004"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step_000000001", "step_000000002"]
+
+
+class _FillingDisk(io.BytesIO):
+    """A file on a disk that fills up after ``room`` bytes: a write past it raises ENOSPC."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def write(self, data: Any) -> int:
+        if self.tell() + len(memoryview(data).cast("B")) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_a_full_disk_during_torch_save_names_the_file_and_the_errno(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's writer turns the OSError of a failed write into RuntimeError('unexpected pos ...');
+    save_torch reports the OSError itself."""
+    monkeypatch.setattr(files, "open", lambda path, mode: _FillingDisk(room=1000), raising=False)
+    target = tmp_path / "optimizer.pt"
+    with pytest.raises(files.WriteFailed) as caught:
+        files.save_torch({"state": torch.zeros(10_000)}, target)
+    assert str(caught.value) == f"writing {target}: [Errno 28] No space left on device"
+
+
+def test_a_failed_commit_or_text_write_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_disk(root: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(files, "fsync_tree", failing_disk)
+    tmp = tmp_path / ".tmp-step_000000002"
+    tmp.mkdir()
+    with pytest.raises(files.WriteFailed, match=f"^writing {tmp}: \\[Errno 5\\] Input/output error$"):
+        files.commit(tmp, tmp_path / "step_000000002", 2)
+    assert files.discard(tmp, tmp_path / "step_000000002") and list(tmp_path.iterdir()) == []
+    with pytest.raises(files.WriteFailed, match=f"^writing {tmp_path / 'no' / 'x.json'}: \\[Errno 2\\] No such file"):
+        files.write_text(tmp_path / "no" / "x.json", "{}")
+
+
+def test_commit_replaces_a_committed_checkpoint_of_the_same_step_only_then(tmp_path: Path) -> None:
+    old = _write_checkpoint(tmp_path, 5, payload=b"old")
+    assert (old / "model.bin").read_bytes() == b"old5"
+    new = _write_checkpoint(tmp_path, 5, payload=b"new")  # a step repeated after a fallback
+    assert new == old and (new / "model.bin").read_bytes() == b"new5" and files.committed_steps(tmp_path) == [5]
 
 
 def test_prune_keeps_the_newest(tmp_path: Path) -> None:

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import torch
 
+from train.outputs.run_logging import MetricsLogger
 from train.training import checkpoint_files as files
 from train.training.checkpointing import Checkpointer, TrainState, resume_fingerprint
+from train.training.loop import Parts, Schedule, train_steps
 from train.config.training import OptimizerConfig
-from train.config.execution import ResumeConfig, RuntimeConfig
+from train.config.execution import LoggerConfig, ResumeConfig, RuntimeConfig, WandbConfig
 from train.training.optimization import build_optimizer, build_scheduler
 from train.runtime.processes import Runtime, start_runtime
 from train.config.typed import ConfigError
@@ -175,6 +177,86 @@ def test_crash_during_save_resumes_from_previous_and_cleans_up(runtime: Runtime,
     assert _restore(ckpt, _parts(runtime, 0), restored)
     assert restored.step == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001"]
+
+
+def _listing(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("enospc", "[Errno 28] No space left on device"),
+                                               ("edquot", "[Errno 122] Disk quota exceeded"),
+                                               ("eio", "[Errno 5] Input/output error")])
+def test_a_failed_write_names_the_file_and_leaves_the_previous_checkpoint_intact(
+        runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, reason: str) -> None:
+    parts, state = _parts(runtime, 0), TrainState()
+    ckpt = _checkpointer(runtime, tmp_path)
+    _train(runtime, parts, state, 1)
+    previous = _save(ckpt, parts, state)
+    before = _listing(tmp_path)
+    _train(runtime, parts, state, 1)
+    monkeypatch.setenv("RECAP_FAULT", f"{fault}@save=2")
+    with pytest.raises(files.CheckpointSaveError) as caught:
+        _save(ckpt, parts, state)
+    failed_file = tmp_path / ".tmp-step_000000002" / "model.safetensors"  # the first file of the save
+    assert str(caught.value) == (f"checkpoint save of step 2 failed writing {failed_file}: {reason}. The previous "
+                                 f"checkpoint ({previous}) is intact: free space (or fix the disk) and rerun the same "
+                                 "command to resume from it")
+    assert _listing(tmp_path) == before  # the same files, byte for byte; no partial checkpoint left
+    monkeypatch.delenv("RECAP_FAULT")
+    assert _save(ckpt, parts, state) == tmp_path / "step_000000002"  # once there is room, saving works again
+
+
+def test_a_failed_first_save_or_commit_says_there_is_no_earlier_checkpoint(runtime: Runtime, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    parts, state = _parts(runtime, 0), TrainState()
+    ckpt = _checkpointer(runtime, tmp_path)
+    _train(runtime, parts, state, 1)
+
+    def failing_disk(root: Path) -> None:  # the main rank's commit: every file written, then fsync fails
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(files, "fsync_tree", failing_disk)
+    with pytest.raises(files.CheckpointSaveError) as caught:
+        _save(ckpt, parts, state)
+    assert str(caught.value) == (f"checkpoint save of step 1 failed writing {tmp_path / '.tmp-step_000000001'}: "
+                                 "[Errno 5] Input/output error. No checkpoint was committed before it: free space (or "
+                                 "fix the disk) and rerun the same command")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _WatchedReader:
+    """A reader whose iterator records being closed (a ShardReader's closes its DataLoader workers)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        try:
+            while True:
+                yield torch.randn(4, 3)
+        finally:
+            self.closed = True
+
+    def fault_counts(self) -> dict[str, int]:
+        return {}
+
+
+def test_a_failed_save_ends_the_loop_with_the_reader_closed(runtime: Runtime, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left open, the reader's DataLoader workers outlived the error and the exit waited for them."""
+    model, optimizer, scheduler, _ = _parts(runtime, 0)
+    reader = _WatchedReader()
+    metrics = MetricsLogger(tmp_path, LoggerConfig(progress=False, wandb=WandbConfig(mode="disabled")), stage="t",
+                            run_name="t", config={})
+    parts = Parts(runtime=runtime, model=model, optimizer=optimizer, scheduler=scheduler, reader=reader,
+                  checkpointer=_checkpointer(runtime, tmp_path / "checkpoints"), metrics=metrics, state=TrainState())
+    monkeypatch.setenv("RECAP_FAULT", "enospc@save=2")
+    with pytest.raises(files.CheckpointSaveError, match="^checkpoint save of step 2 failed writing ") as caught:
+        train_steps(parts, Schedule(steps=4, accum=1, global_batch=4, checkpoint_every=2, log_every=1,
+                                    show_progress=False), lambda m, x: m(x).pow(2).mean(), desc="t")
+    assert reader.closed  # while the error (its traceback: the loop's frame) is still held, as when it is reported
+    assert caught.value.__traceback__ is not None
+    assert files.committed_steps(tmp_path / "checkpoints") == []
 
 
 def test_world_size_change_is_refused(runtime: Runtime, tmp_path: Path) -> None:

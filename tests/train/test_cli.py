@@ -3,6 +3,7 @@ override pre-checks behind them (train/config/loading.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,8 @@ def test_top_level_help_lists_every_stage(workdir):
     assert lines[0] == "usage: recap STAGE [key=value ...] [group=option ...] [-m]"
     for name, stage in STAGES.items():
         assert any(line.split()[:1] == [name] and line.rstrip().endswith(stage.summary) for line in lines), name
-    exit_codes = lines.index("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data or unusable checkpoint, "
-                             "4 training diverged,")
+    exit_codes = lines.index("Exit codes: 0 ok, 1 crash, 2 usage or config error, 3 bad data, unusable or unsaved "
+                             "checkpoint, 4 training diverged,")
     assert lines[exit_codes + 1].split() == "75 preempted after a checkpoint (SIGTERM/SIGUSR1; rerun the same command "\
         "to resume).".split()
     assert list(workdir.iterdir()) == []
@@ -327,3 +328,60 @@ def test_cfg_job_prints_the_config_with_url_passwords_masked(capsys):
     out = capsys.readouterr().out
     assert "  heldout: https://alice:***@data.example.com/{00000..00003}.tar" in out.splitlines()
     assert "Sup3rS3cretPw" not in out and "train_vae:" in out
+
+
+AS_ROOT = os.geteuid() == 0
+CHMOD_SKIP = "runs as root, which writes into read-only folders anyway; the /proc variant covers the check"
+
+
+def _unwritable(path: Path, how: str) -> None:
+    """``path`` made a folder that refuses new files: a link to /proc, or a read-only folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if how == "proc":
+        path.symlink_to("/proc")
+    else:
+        path.mkdir()
+        path.chmod(0o555)
+
+
+@pytest.mark.parametrize("how", ["proc", pytest.param("chmod", marks=pytest.mark.skipif(AS_ROOT, reason=CHMOD_SKIP))])
+def test_a_run_directory_that_cannot_be_made_is_a_usage_error(how, tmp_path, capsys):
+    """run.root/run.name (or the stage's folder in it) refuses new files: Hydra's mkdir was a traceback."""
+    _unwritable(tmp_path / "toy", how)
+    assert main(["train-vae", f"run.root={tmp_path}", "--cfg", "job"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"recap train-vae: error: run.name: cannot write the run directory '{tmp_path}/toy/train_vae': "
+        f"'{tmp_path}/toy' refuses new files: [Errno "), err
+    assert err[0].endswith(". Make it writable, or choose another run.root or run.name")
+    if how == "chmod":
+        (tmp_path / "toy").chmod(0o755)
+    else:
+        (tmp_path / "toy").unlink()
+    _unwritable(tmp_path / "toy" / "train_vae", how)  # the stage's folder itself
+    assert main(["train-vae", f"run.root={tmp_path}", "--cfg", "job"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"recap train-vae: error: run.name: cannot write to the run directory '{tmp_path}/toy/train_vae': [Errno "), err
+
+
+@pytest.mark.parametrize(("folder", "how"), [
+    ("checkpoints", "proc"), ("pipeline/unet", "proc"),
+    pytest.param("checkpoints", "chmod", marks=pytest.mark.skipif(AS_ROOT, reason=CHMOD_SKIP))])
+def test_a_folder_of_the_run_directory_that_refuses_files_stops_the_stage_before_any_work(folder, how, tmp_path,
+                                                                                            workdir):
+    """A read-only checkpoints/ let training run and lost every step at the first save; any folder
+    the stage writes or prunes in (here also one two levels down) is probed first."""
+    run_dir = tmp_path / "runs" / "toy" / "train_vae"
+    _unwritable(run_dir / folder, how)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    proc = _recap("train-vae", f"run.root={tmp_path / 'runs'}", "logger.wandb.mode=disabled", cwd=workdir)
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-3000:]
+    reason = "[Errno 13] Permission denied" if how == "chmod" else "[Errno "
+    assert proc.stderr.startswith(f"recap train-vae: error: cannot write to '{run_dir / folder}' in the run "
+                                  f"directory: {reason}"), proc.stderr
+    assert proc.stderr.endswith(". Make it writable, or choose another run.root or run.name\n")
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # no logs, config.yaml, metrics
+    if how == "chmod":
+        (run_dir / folder).chmod(0o755)

@@ -135,3 +135,10 @@ def test_other_ranks_wait_for_their_jobs_lock(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(ConfigError, match=r"rank 0 of this job did not lock .* within 0.5 s: is it on a filesystem"):
         DirLock(tmp_path, "train-t2i", "run.name").wait_for_job(timeout_s=0.5)
     assert time.monotonic() - start < 5
+
+
+def test_a_directory_that_refuses_files_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=rf"^recaption.output: cannot write to {blocker}/out: "):
+        DirLock(blocker / "out", "recaption", "recaption.output", (0, 1)).acquire()

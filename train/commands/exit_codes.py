@@ -1,6 +1,6 @@
 """`recap`'s exit codes and its one-line error: 0 done, 1 crash, 2 usage/config error, 3 data error
-(too many bad samples, or an unusable checkpoint), 4 training diverged, 75 preempted after a
-checkpoint (launch/supervise.py's EXIT_REQUEUE)."""
+(too many bad samples, an unusable checkpoint, or a checkpoint save that failed), 4 training
+diverged, 75 preempted after a checkpoint (launch/supervise.py's EXIT_REQUEUE)."""
 
 from __future__ import annotations
 

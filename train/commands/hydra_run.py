@@ -12,11 +12,14 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from train.commands.exit_codes import EXIT_DATA, EXIT_DIVERGED, EXIT_USAGE, fail, warn
 from train.commands.stage_table import STAGES, Stage, hydra_job_name
 from train.config.typed import ConfigError
+
+if TYPE_CHECKING:
+    from train.config.experiment import RunConfig
 
 _FLAGS_WITH_VALUE = {"--cfg", "-c"}
 _CFG_VALUES = ("job", "hydra", "all")
@@ -140,9 +143,11 @@ def check_wandb_before_launch(name: str, experiment: Any) -> None:
 def _run_stage(name: str, experiment: Any, run_dir: Path) -> None:
     """Run stage ``name`` in ``run_dir``, holding the directory's lock (one job at a time; shard
     jobs lock their rank's slot themselves, train/runtime/run_lock.py) and with wandb checked."""
+    from train.outputs.writable import check_run_dir
     from train.runtime.environment import global_rank
     from train.runtime.run_lock import locked
 
+    check_run_dir(run_dir)  # before any work: every folder the stage writes into takes files
     rank = global_rank()
     lock = contextlib.nullcontext() if STAGES[name].shard_job else locked(run_dir, name, "run.name", rank=rank)
     with lock:
@@ -205,21 +210,27 @@ def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: S
     return 0
 
 
-def _check_run_root(root: str) -> None:
-    """run.root can hold run directories: its nearest existing folder takes a file (run.root=/proc
-    was a traceback from deep inside Hydra). Creates nothing: --dry-run and mistakes leave no trace."""
-    import tempfile
+def _check_run_dir(run: RunConfig, stage: str, overrides: list[str], multirun: bool) -> None:
+    """The stage's run directory can be made: its nearest existing folder takes a file (run.root=/proc
+    was a traceback from deep inside Hydra, and so was a read-only run.root/run.name). Creates
+    nothing: --dry-run and mistakes leave no trace. Once Hydra made it, `check_run_dir` checks
+    every folder in it (run_hydra)."""
+    from train.outputs.writable import nearest_existing, probe, reason
 
-    existing = Path(root).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    root = Path(run.root).absolute()
+    target = root / run.name / ("sweeps" if multirun else "") / hydra_job_name(stage)
+    if any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
+        target = root  # a sweep point, or a directory of the user's: only run.root is known here
+    existing = nearest_existing(target)
     try:
-        if not existing.is_dir():
-            raise NotADirectoryError(0, f"{existing} is not a directory")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        probe(existing)
     except OSError as exc:
-        raise ConfigError("run.root", f"cannot write run directories under '{root}': {exc.strerror or exc}") from None
+        if existing == root or existing in root.parents:
+            raise ConfigError("run.root", f"cannot write run directories under '{run.root}': {reason(exc)}") from None
+        where = (f"to the run directory '{existing}'" if existing == target else
+                 f"the run directory '{target}': '{existing}' refuses new files")
+        raise ConfigError("run.name", f"cannot write {where}: {reason(exc)}. Make it writable, or choose another "
+                          "run.root or run.name") from None
 
 
 def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
@@ -232,7 +243,7 @@ def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]
         raise ConfigError(swept[0], "has several values (a sweep): add -m to run one job per value; for a "
                           "single value that contains commas quote it (key='a,b'), for a list use key=[a,b]")
     experiment = check_overrides(overrides)
-    _check_run_root(experiment.run.root)
+    _check_run_dir(experiment.run, name, overrides, bool(MULTIRUN_FLAGS & set(flags)))
     _check_batch_for_world(STAGES[name], experiment)
     if STAGES[name].precheck and not inside_launch() and not swept:  # sweep points check themselves
         importlib.import_module(STAGES[name].module).check(experiment)

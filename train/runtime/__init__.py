@@ -1,1 +1,1 @@
-"""The only code that touches torch.distributed / deepspeed / accelerate or reads RANK/WORLD_SIZE/LOCAL_RANK: processes and precision, inference placement, preemption, failpoints, shard jobs."""
+"""The only code that touches torch.distributed / deepspeed / accelerate or reads RANK/WORLD_SIZE/LOCAL_RANK: processes and precision, inference placement, preemption, failpoints, shard jobs, DeepSpeed saves that may fail."""

@@ -1,10 +1,14 @@
-"""Failpoints for the fault-injection tests: kill or signal a run at an exact point.
+"""Failpoints for the fault-injection tests: kill or signal a run, or fail a write, at an exact point.
 
 Off unless the environment variable RECAP_FAULT is set. A fault is ``ACTION@POINT[,rank=R]``:
 
 - actions: ``sigkill`` (the process dies on the spot), ``sigterm`` / ``sigusr1`` (the signal a
   cluster sends before preempting; train/runtime/preemption.py handles it), ``nan`` (the loss of that
-  training step becomes NaN);
+  training step becomes NaN), ``enospc`` / ``edquot`` / ``eio`` (the write of a file fails as on a
+  full disk, an exceeded quota or a failing disk: part of the file is written, then OSError with
+  that errno and the file's name; at ``save=N``: the first file this rank writes into step N's
+  checkpoint: ``model.safetensors`` on one process, ``rank_00001.pt`` on DDP's rank 1, a file of
+  ``deepspeed/`` under ZeRO);
 - points: ``step=N`` (the end of training step N; for ``nan``: step N's loss),
   ``save=N`` (in the middle of the checkpoint save of step N, rank files written, not yet
   committed), ``recaption_batch=N`` / ``recaption_shard=N`` (recaptioning: after the Nth batch
@@ -20,14 +24,18 @@ RECAP_FAULT on a subprocess (or with monkeypatch); nothing in conf/ can enable i
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ENV = "RECAP_FAULT"
 SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}
-ACTIONS = (*SIGNALS, "nan")
+WRITE_ERRORS = {"enospc": errno.ENOSPC, "edquot": errno.EDQUOT, "eio": errno.EIO}
+ACTIONS = (*SIGNALS, "nan", *WRITE_ERRORS)
+PARTIAL_BYTES = 64  # what a failed write leaves of its file
 FROM = "from_"
 
 
@@ -93,3 +101,16 @@ def maybe_fail(*, rank: int, **point: int) -> None:
                     os.killpg(os.getpgrp(), signum)
                 else:
                     os.kill(os.getpid(), signum)
+
+
+def maybe_fail_write(path: Path, *, rank: int, **point: int) -> None:
+    """Called just before ``path`` is written at a failpoint (``save=N``: before each file of step
+    N's checkpoint); for a fault like ``enospc@save=N`` naming this point and rank, writes the
+    first bytes of the file and raises the OSError that write would raise (errno, its text, the
+    file's name), as a disk that fills up in the middle of a file does."""
+    for fault in _faults():
+        for action, code in WRITE_ERRORS.items():
+            if fault.matches(action, rank, point):
+                with open(path, "wb") as f:
+                    f.write(b"\0" * PARTIAL_BYTES)
+                raise OSError(code, os.strerror(code), str(path))

@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 
 from data_pipeline.seeding import derive_seed
 from data_pipeline.workers import set_worker_start_method
 from train.config.execution import RuntimeConfig
 from train.config.typed import ConfigError
+from train.runtime.engine_saves import save_engine_state
 from train.runtime.environment import launched_world_size
 
 DEEPSPEED_TAG = "deepspeed"  # the checkpoint subfolder DeepSpeed writes its own layout into
@@ -253,18 +254,21 @@ class Runtime:
         return {k: v.detach().cpu().reshape(()) if k in self._scalar_params else v.detach().cpu()
                 for k, v in state.items()}
 
-    def save_model_state(self, model: Any, optimizer: Any, directory: Path) -> None:
+    def save_model_state(self, model: Any, optimizer: Any, directory: Path, save_torch: Callable[[Any, Path], None],
+                         save_module: Callable[[torch.nn.Module, Path], None]) -> None:
         """Write the model and optimizer state into ``directory`` (collective: every rank calls it).
 
         DeepSpeed's engine writes its own layout under ``directory/deepspeed/`` (optimizer
         partitions from every rank); otherwise the main rank writes the unwrapped weights
-        (``model.safetensors``) and ``optimizer.pt``.
+        (``model.safetensors``) and ``optimizer.pt``. Each file is written by ``save_torch(obj,
+        path)`` or ``save_module(module, path)`` (train/training/checkpoint_files: a failed write
+        names the file and the errno), the engine's too (train/runtime/engine_saves.py).
         """
         if self.is_deepspeed:
-            model.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False)
+            save_engine_state(model, directory, DEEPSPEED_TAG, save_torch)
         elif self.is_main:
-            save_model(self.unwrap(model), str(directory / "model.safetensors"))
-            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+            save_module(self.unwrap(model), directory / "model.safetensors")
+            save_torch(optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_model_state(self, model: Any, optimizer: Any, directory: Path, safe_load: Callable[..., Any]) -> None:
         """Load what ``save_model_state`` wrote in ``directory`` into the prepared model and optimizer.

@@ -158,10 +158,13 @@ class DirLock:
     def acquire(self) -> None:
         """Take the lock (ConfigError naming the holder when another live job has it, or one that
         conflicts with it); a gone holder's lock is taken over with a warning."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         me = _this_holder(self.stage)
         tmp = self.directory / f".recap.lock.{me.token}.tmp"
-        tmp.write_text(json.dumps(asdict(me)))
+        try:  # the first write into the directory: one that refuses files is said here, before any work
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(asdict(me)))
+        except OSError as exc:
+            raise ConfigError(self.key, f"cannot write to {self.directory}: {exc.strerror or exc}") from None
         try:
             if not self._link(tmp):
                 self._take_over(tmp, me)

@@ -4,6 +4,7 @@ A checkpoint is ``<root>/step_<N>/``. It is written as ``<root>/.tmp-step_<N>/``
 is fsynced, ``MANIFEST.json`` (sha256 and size of every file) is written, the directory is
 renamed into place and ``COMMITTED`` is written last. Only directories with ``COMMITTED`` are
 checkpoints; anything else is debris of an interrupted save and is removed on the next start.
+A write that fails (disk full, quota, I/O error) raises WriteFailed naming the file and the errno.
 Nothing is ever unpickled beyond tensors and plain containers (safetensors, or torch.load with
 weights_only=True plus the few classes a caller allows: the runtime's allowlist of DeepSpeed's
 own small bookkeeping classes, train/runtime/processes.py).
@@ -11,17 +12,20 @@ own small bookkeeping classes, train/runtime/processes.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_model
 
 from data_pipeline.shard_io import fsync_dir, sha256_file
 
@@ -33,6 +37,75 @@ _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (corrupt, from another config or world size)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint that could not be written (disk full, quota, I/O error); the checkpoints
+    committed before it are untouched."""
+
+
+class WriteFailed(Exception):
+    """The write of one file (or folder) of a checkpoint failed: ``str`` is
+    "writing <path>: [Errno 28] No space left on device"."""
+
+    def __init__(self, path: Path | str, reason: str, doing: str = "writing") -> None:
+        super().__init__(f"{doing} {path}: {reason}")
+
+
+@contextlib.contextmanager
+def writing(path: Path, doing: str = "writing") -> Iterator[None]:
+    """Around the write of ``path``: its failure becomes WriteFailed naming the file (the one the
+    OSError names, else ``path``) and the errno. torch's and safetensors' writers report the same
+    causes as RuntimeError and SafetensorError (torch's without the errno: use save_torch)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
+        raise WriteFailed(exc.filename or path, reason, doing) from None
+    except (RuntimeError, SafetensorError) as exc:
+        raise WriteFailed(path, (str(exc).strip().splitlines() or [type(exc).__name__])[0], doing) from None
+
+
+class _KeepsWriteError:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch's writer
+    swallows it and raises RuntimeError("unexpected pos ...") instead, which names no cause."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save ``obj`` to ``path``; a failed write is WriteFailed with the errno."""
+    with writing(path), open(path, "wb") as f:
+        out = _KeepsWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    """A module's weights as safetensors at ``path``; a failed write is WriteFailed."""
+    with writing(path):
+        save_model(module, str(path))
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` into ``path``; a failed write is WriteFailed."""
+    with writing(path):
+        path.write_text(text)
 
 
 def step_dir_name(step: int) -> str:
@@ -61,7 +134,7 @@ def hash_files(root: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(root: Path, entries: dict[str, dict[str, Any]]) -> None:
-    with open(root / MANIFEST, "w") as f:
+    with writing(root / MANIFEST), open(root / MANIFEST, "w") as f:
         json.dump(dict(sorted(entries.items())), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -88,15 +161,30 @@ def read_manifest(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def commit(tmp: Path, final: Path, step: int) -> None:
-    """Rename a fully written, fsynced ``tmp`` directory to ``final`` and mark it committed."""
-    fsync_tree(tmp)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    with open(final / COMMITTED, "w") as f:
+    """Rename a fully written ``tmp`` directory to ``final`` (replacing a committed checkpoint of
+    the same step only now), fsynced, and mark it committed. A failure is WriteFailed."""
+    with writing(tmp):
+        fsync_tree(tmp)
+        if final.exists():  # a committed checkpoint of this step (a step repeated after a fallback)
+            (final / COMMITTED).unlink(missing_ok=True)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    with writing(final / COMMITTED), open(final / COMMITTED, "w") as f:
         f.write(f"{step}\n")
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(final)
+    with writing(final):
+        fsync_dir(final)
+
+
+def discard(tmp: Path, final: Path) -> bool:
+    """Remove what a failed save left (``tmp``, and ``final`` if it has no COMMITTED); True when
+    nothing is left (else the next start removes it as debris)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if final.exists() and not (final / COMMITTED).exists():
+        shutil.rmtree(final, ignore_errors=True)
+    return not tmp.exists() and (not final.exists() or (final / COMMITTED).exists())
 
 
 def committed_steps(root: Path) -> list[int]:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 
 from train.training import checkpoint_files as files
-from train.training.checkpoint_files import CheckpointError
-from train.runtime.failpoints import maybe_fail
+from train.training.checkpoint_files import CheckpointError, CheckpointSaveError
+from train.runtime.failpoints import maybe_fail, maybe_fail_write
 from train.config.execution import ResumeConfig
 from train.runtime.processes import ModelStateError, Runtime
 from train.config.typed import ConfigError
@@ -83,38 +83,69 @@ class Checkpointer:
     # ---- saving -------------------------------------------------------------------------
     def save(self, state: TrainState, *, model: Any, optimizer: Any, scheduler: Any, reader: Any = None,
              extra: dict[str, torch.nn.Module] | None = None) -> Path:
-        """Write a checkpoint of ``state.step`` (collective: every rank calls it)."""
+        """Write a checkpoint of ``state.step`` (collective: every rank calls it).
+
+        A write that fails on any rank (disk full, quota, I/O error) fails the save on every rank
+        alike, each after the same collectives (no rank is left waiting): the partial checkpoint is
+        removed, the committed ones are untouched, and CheckpointSaveError names the file and why.
+        """
         rt, name = self.rt, files.step_dir_name(state.step)
         tmp, final = self.root / f"{files.TMP_PREFIX}{name}", self.root / name
-        if rt.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if final.exists():  # a committed checkpoint of this step (a repeated step after resume)
-                shutil.rmtree(final)
+        failure = self._agreed(_attempt(self._start, tmp) if rt.is_main else None)
+        if failure is None:
+            failure = self._agreed(_attempt(self._write, tmp, state, model=model, optimizer=optimizer,
+                                            scheduler=scheduler, reader=reader, extra=extra))
+        shares = self._spread(tmp, _hash_share) if failure is None else []
+        failure = failure or next((share for share in shares if isinstance(share, str)), None)
+        if failure is None and rt.is_main:
+            merged = {k: v for share in shares for k, v in share.items()}
+            failure = _attempt(self._commit, tmp, final, merged, state.step)
+        failure = rt.broadcast_object(failure)  # rank 0 committed, or did not: every rank knows
+        if failure is None:
+            return final
+        if rt.is_main and not files.discard(tmp, final):
+            log.warning("could not remove %s; the next start removes it", tmp)
+        raise CheckpointSaveError(self._failed_message(state.step, failure))
+
+    def _start(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with files.writing(tmp):
             tmp.mkdir(parents=True)
-        rt.barrier()
-        rt.save_model_state(model, optimizer, tmp)
+
+    def _write(self, tmp: Path, state: TrainState, *, model: Any, optimizer: Any, scheduler: Any, reader: Any,
+               extra: dict[str, torch.nn.Module] | None) -> None:
+        """This rank's files of the checkpoint, into ``tmp``; a failed write is WriteFailed."""
+        rt, out = self.rt, _Files(state.step, self.rt.rank)
+        with files.writing(tmp):  # what the engine raised without naming its file (WriteFailed passes)
+            rt.save_model_state(model, optimizer, tmp, out.torch, out.module)
         if rt.is_main:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            out.torch(scheduler.state_dict(), tmp / "scheduler.pt")
             for key, module in (extra or {}).items():
-                save_model(module, str(tmp / f"{key}.safetensors"))
+                out.module(module, tmp / f"{key}.safetensors")
             state.world_size = rt.world_size
-            (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
-            (tmp / "fingerprint.json").write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
-            (tmp / "config.json").write_text(json.dumps(self.config, indent=1, sort_keys=True))
-        torch.save({"rng": files.capture_rng(), "reader": reader.state_dict() if reader is not None else None},
-                   tmp / f"rank_{rt.rank:05d}.pt")
+            out.text(tmp / "train_state.json", json.dumps(asdict(state), indent=2, sort_keys=True))
+            out.text(tmp / "fingerprint.json", json.dumps(self.fingerprint, indent=1, sort_keys=True))
+            out.text(tmp / "config.json", json.dumps(self.config, indent=1, sort_keys=True))
+        out.torch({"rng": files.capture_rng(), "reader": reader.state_dict() if reader is not None else None},
+                  tmp / f"rank_{rt.rank:05d}.pt")
         maybe_fail(save=state.step, rank=rt.rank)  # fault tests: a signal or kill in the middle of a save
-        rt.barrier()
-        entries = self._spread(tmp, files.hash_files)
-        if rt.is_main:
-            merged = {k: v for part in entries for k, v in part.items()}
-            files.write_manifest(tmp, merged)
-            files.commit(tmp, final, state.step)
-            pruned = files.prune(self.root, self.keep_last)
-            log.info("checkpoint %s saved (%d files%s)", final, len(merged),
-                     f"; pruned steps {pruned}" if pruned else "")
-        rt.barrier()
-        return final
+
+    def _commit(self, tmp: Path, final: Path, entries: dict[str, dict[str, Any]], step: int) -> None:
+        files.write_manifest(tmp, entries)
+        files.commit(tmp, final, step)
+        pruned = files.prune(self.root, self.keep_last)
+        log.info("checkpoint %s saved (%d files%s)", final, len(entries), f"; pruned steps {pruned}" if pruned else "")
+
+    def _agreed(self, failure: str | None) -> str | None:
+        """The first failing rank's ``failure``, on every rank (collective)."""
+        return next((f for f in self.rt.gather_objects(failure) if f is not None), None)
+
+    def _failed_message(self, step: int, failure: str) -> str:
+        previous = [s for s in files.committed_steps(self.root) if s < step]
+        then = (f"The previous checkpoint ({self.root / files.step_dir_name(previous[-1])}) is intact: free space "
+                "(or fix the disk) and rerun the same command to resume from it" if previous else
+                "No checkpoint was committed before it: free space (or fix the disk) and rerun the same command")
+        return f"checkpoint save of step {step} failed {failure}. {then}"
 
     def _spread(self, directory: Path, fn: Any) -> list[Any]:
         """Run ``fn(directory, names)`` on a disjoint share of the files on each rank; gather."""
@@ -188,3 +219,47 @@ class Checkpointer:
                               "Restore these values, use another run.name, or set resume.allow_config_change=true")
         if differences:
             log.warning("resuming with a changed config: %s", "; ".join(differences))
+
+
+@dataclass(frozen=True)
+class _Files:
+    """The writers of one save's files (checkpoint_files: a failed write is WriteFailed naming the
+    file), each file first past the write failpoint of this step and rank: ``enospc@save=N`` fails
+    the first file a rank writes into step N's checkpoint (fault tests)."""
+
+    step: int
+    rank: int
+
+    def torch(self, obj: Any, path: Path) -> None:
+        self._failpoint(path)
+        files.save_torch(obj, path)
+
+    def module(self, module: torch.nn.Module, path: Path) -> None:
+        self._failpoint(path)
+        files.save_module(module, path)
+
+    def text(self, path: Path, text: str) -> None:
+        self._failpoint(path)
+        files.write_text(path, text)
+
+    def _failpoint(self, path: Path) -> None:
+        with files.writing(path):
+            maybe_fail_write(path, save=self.step, rank=self.rank)
+
+
+def _attempt(fn: Any, *args: Any, **kwargs: Any) -> str | None:
+    """None when ``fn(*args, **kwargs)`` ran; what failed when it raised WriteFailed."""
+    try:
+        fn(*args, **kwargs)
+    except files.WriteFailed as exc:
+        return str(exc)
+    return None
+
+
+def _hash_share(directory: Path, names: list[str]) -> dict[str, dict[str, Any]] | str:
+    """The manifest entries of ``names``, or what failed reading them back."""
+    try:
+        with files.writing(directory, doing="reading back"):
+            return files.hash_files(directory, names)
+    except files.WriteFailed as exc:
+        return str(exc)

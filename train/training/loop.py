@@ -8,6 +8,7 @@ loss or gradient, fail or skip it on every rank alike), log, checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -110,7 +111,7 @@ def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], 
     rate = 0.0
     bar = progress(total=schedule.steps, initial=state.step, desc=desc, unit="step",
                    enabled=rt.is_main and schedule.show_progress)
-    with PreemptionWatch() as watch:
+    with PreemptionWatch() as watch, _closing(batches):
         while state.step < schedule.steps:
             last, rate = _one_step(parts, schedule, loss_fn, batches, after_step, report, start, first_step, bar)
             checkpoint = None
@@ -128,6 +129,13 @@ def train_steps(parts: Parts, schedule: Schedule, loss_fn: Callable[[Any, Any], 
     return {"steps": state.step, "samples_seen": state.samples_seen, "final_losses": last,
             "img_per_s": round(rate, 2), "skipped_samples": parts.reader.fault_counts(),
             "skipped_steps": state.extra.get("skipped_steps", 0)}
+
+
+def _closing(batches: Iterator[Any]) -> contextlib.AbstractContextManager[Any]:
+    """Closes the reader's iterator when the loop ends, also when a step or a save raises: its
+    DataLoader workers stop then. Left to the garbage collector, they stayed alive while the error
+    was reported, and the exit waited for them forever (a disk-full save hung instead of exit 3)."""
+    return contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext()
 
 
 def _save(parts: Parts) -> Path:
