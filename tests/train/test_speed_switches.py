@@ -94,6 +94,21 @@ def test_channels_last_trains_alike_and_saves_like_the_default(off: list[float],
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), model.unet.state_dict().values()))
 
 
+def test_channels_last_reaches_the_convolutions_when_an_engine_makes_the_weights_contiguous() -> None:
+    """DeepSpeed's ZeRO holds weights as contiguous views into flat buffers: the input still
+    arrives channels-last, so the convolutions run channels-last."""
+    model = speed.to_channels_last(_denoiser())
+    for p in model.unet.parameters():
+        p.data = p.data.contiguous()  # what ZeRO's flat buffers do to the layout
+    seen = []
+    model.unet.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    noisy, t, states, mask, _ = _batch()
+    out = model(noisy, t, states, mask)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, _denoiser()(noisy, t, states, mask), rtol=1e-5, atol=1e-6)
+
+
 def test_compile_unet_compiles_in_place_and_trains_alike(off: list[float]) -> None:
     """dynamo's trace with the eager backend (inductor's code generation takes minutes on a CPU;
     benchmarks/gpu_check.sh measures it on a GPU, with its loss beside the eager one)."""
