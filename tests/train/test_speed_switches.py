@@ -159,8 +159,20 @@ def test_train_t2i_with_every_switch_on_trains_like_the_default(toy_data: Path, 
     from tests.golden_losses import _losses
     from tests.helpers import run_stage, t2i_inputs
 
+    import train.stages.train_t2i as stage
+
     inputs = t2i_inputs(toy_data, tmp_path / "inputs")
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")
+    order = []  # what the stage does to the model, in order: channels-last before the EMA copy, compile after
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            order.append(name)
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(stage, name, wrapped)
+
+    for name in ("to_channels_last", "EmaWeights", "compile_unet"):
+        spy(name, getattr(stage, name))
     stages = f"[{{resolution: 64, steps: {STEPS}, global_batch_size: 4, micro_batch_size: 4}}]"
     common = ["train_t2i.cache=null", f"train_t2i.input={inputs['shards']}", f"train_t2i.vae={inputs['vae']}",
               f"text_encoder.tokenizer={inputs['tokenizer']}", "text_encoder.max_tokens=24",
@@ -171,13 +183,15 @@ def test_train_t2i_with_every_switch_on_trains_like_the_default(toy_data: Path, 
               "logger.progress=false", "data.reader.num_workers=0"]
     on = ["train_t2i.channels_last=true", "train_t2i.compile_unet=true", "runtime.allow_tf32=true",
           "train_t2i.optimizer.implementation=fused"]
-    runs = {}
+    runs, orders = {}, {}
     try:
         for name, extra in (("off", []), ("on", on)):
+            order.clear()
             run_stage("train_t2i", [f"run.root={tmp_path / name}", *common, *extra])
-            runs[name] = tmp_path / name / "toy" / "train_t2i"
+            runs[name], orders[name] = tmp_path / name / "toy" / "train_t2i", list(order)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False  # this process's default
+    assert orders == {"off": ["EmaWeights"], "on": ["to_channels_last", "EmaWeights", "compile_unet"]}
     off_losses, on_losses = _losses(runs["off"]), _losses(runs["on"])
     assert len(on_losses) == STEPS and on_losses == pytest.approx(off_losses, rel=1e-5, abs=0)  # measured <= 2.6e-7
     assert on_losses != off_losses  # fused AdamW and channels-last convolutions round differently
@@ -193,3 +207,18 @@ def test_train_t2i_with_every_switch_on_trains_like_the_default(toy_data: Path, 
         with safe_open(str(run / "checkpoints" / f"step_{STEPS:09d}" / "ema.safetensors"), "pt") as f:
             names[name] = sorted(f.keys())
     assert names["on"] == names["off"]
+
+
+def test_a_resume_may_change_channels_last_and_compile_but_not_the_adamw_kernel() -> None:
+    from train.config.loading import load_experiment
+    from train.outputs.run_logging import config_snapshot
+    from train.stages.train_t2i import RESUME_IGNORE, RESUME_KEYS
+    from train.training.checkpointing import resume_fingerprint
+
+    def fingerprint(*overrides: str) -> dict:
+        return resume_fingerprint(config_snapshot(load_experiment(list(overrides))), RESUME_KEYS, RESUME_IGNORE)
+
+    base = fingerprint()
+    assert fingerprint("train_t2i.channels_last=true", "train_t2i.compile_unet=true", "runtime.allow_tf32=true") == base
+    changed = fingerprint("train_t2i.optimizer.implementation=fused")
+    assert {k for k in base if base[k] != changed[k]} == {"train_t2i.optimizer.implementation"}
