@@ -76,12 +76,12 @@ class Sizes:
     device: str
     precision: str
     compile_backend: str
-    budget_s: float  # sections not started by then are reported as skipped
+    budget_s: float  # what has not started by then (or would not end by then) is reported as skipped
 
 
 FULL = Sizes(unet="dalle3_0p9b", text_dim=4096, tokens=256, batches={256: 16, 512: 8}, warmup=3, steps=10,
              coca="coca_ViT-L-14", caption_batch=64, caption_length=76, recaption_images=512, recaption_workers=4,
-             device="cuda", precision="bf16", compile_backend="inductor", budget_s=420.0)
+             device="cuda", precision="bf16", compile_backend="inductor", budget_s=450.0)
 SMOKE = Sizes(unet="tiny", text_dim=32, tokens=8, batches={64: 2, 128: 2}, warmup=1, steps=2, coca="tiny",
               caption_batch=4, caption_length=8, recaption_images=16, recaption_workers=0, device="cpu",
               precision="auto", compile_backend="eager", budget_s=600.0)
@@ -274,11 +274,15 @@ def print_t2i(rows: list[Row], flops: dict[int, float], sizes: Sizes, peak: floa
             continue
         off, above = done.get((r.resolution, 0)), done.get((r.resolution, r.index - 1))
         step_flops = flops[r.resolution] * r.batch
-        ratio = (lambda peer: f"{peer.step_s / r.step_s:.2f}" if peer else "-")
         loss = (f"{max(abs(a - b) / abs(b) for a, b in zip(r.losses, off.losses)):.1e}" if off else "-")
         print(f"| {r.resolution} | {name} | {r.batch} | {r.step_s * 1e3:.1f} | {r.batch / r.step_s:.1f} | "
-              f"{step_flops / 1e12:.4g} | {100 * step_flops / r.step_s / (peak * 1e12):.2f}% | {ratio(off)} | "
-              f"{ratio(above) if r.index else '1.00'} | {loss} |")
+              f"{step_flops / 1e12:.4g} | {100 * step_flops / r.step_s / (peak * 1e12):.2f}% | {_speedup(off, r)} | "
+              f"{_speedup(above, r) if r.index else '1.00'} | {loss} |")
+
+
+def _speedup(peer: Row | None, row: Row) -> str:
+    """How many times faster ``row`` steps than ``peer`` ('-' without the peer's number)."""
+    return f"{peer.step_s / row.step_s:.2f}" if peer and peer.step_s and row.step_s else "-"
 
 
 def print_attention(attention: dict[int, tuple[int, dict[str, int]]]) -> None:
@@ -311,7 +315,8 @@ def parse_args(argv: list[str] | None) -> tuple[Sizes, float]:
                         help="micro-batches at the two resolutions (default 16 8; halved on out of memory)")
     parser.add_argument("--steps", type=int, help="timed steps per row (default 10)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compile_unet rows")
-    parser.add_argument("--budget-s", type=float, help="start nothing new after this many seconds (default 420)")
+    parser.add_argument("--budget-s", type=float,
+                        help="start nothing that would end after this many seconds (default 450)")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     if args.batches:
@@ -337,14 +342,19 @@ def eager_rows(sizes: Sizes, cfg: Any, started: float) -> list[Row]:
 
 
 def compile_rows(sizes: Sizes, cfg: Any, eager: list[Row], started: float) -> list[Row]:
-    """The all-on rows (compile_unet last: its compilation is the long part), at the off rows' batches."""
-    rows = []
+    """The all-on rows (compile_unet last: its compilation is the long part), at the off rows'
+    batches; a row that the one before it says would end past the budget is not started."""
+    rows, last_s = [], 0.0
     for resolution in sizes.batches:
         row = Row(resolution, 4, next(r.batch for r in eager if r.resolution == resolution))
-        if sizes.compile_backend:
-            run_row(sizes, cfg, row, started, shrink=False)
-        else:
+        if not sizes.compile_backend:
             row.note = "left out: --no-compile"
+        elif time.monotonic() - started + last_s > sizes.budget_s:
+            row.note = f"skipped: the last compile row took {last_s:.0f} s, past --budget-s"
+        else:
+            begin = time.monotonic()
+            run_row(sizes, cfg, row, started, shrink=False)
+            last_s = time.monotonic() - begin
         rows.append(row)
         _row_progress(started, row)
     return rows
@@ -377,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     _progress(started, f"captioner: {captioner if isinstance(captioner, str) else 'done'}")
     rows = sorted(rows + compile_rows(sizes, cfg, rows, started), key=lambda r: (r.resolution, r.index))
 
-    name = torch.cuda.get_device_name() if sizes.device == "cuda" else "CPU (--smoke: tiny models, numbers mean nothing)"
+    name = (torch.cuda.get_device_name() if sizes.device == "cuda"
+            else "CPU (--smoke: tiny models, numbers mean nothing)")
     print(f"# gpu_check on {name}, torch {torch.__version__}, {time.monotonic() - started:.0f} s\n")
     print(f"## train-t2i: xf + {sizes.unet} UNet, {'bf16' if sizes.precision == 'bf16' else 'fp32'}, cached inputs "
           f"({sizes.tokens} T5 tokens); MFU against {peak:g} TFLOP/s\n")
