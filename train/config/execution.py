@@ -15,6 +15,8 @@ class RuntimeConfig:
 
     kind: single (one process), ddp (torchrun; gloo on CPU, NCCL on GPU) or deepspeed (ZeRO
     stage ``zero_stage`` through accelerate). precision ``auto`` is bf16 on GPU, fp32 on CPU.
+    ``allow_tf32``: fp32 matmuls on a GPU run on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32;
+    cuDNN convolutions already do by PyTorch's default, left as it is); no effect on the CPU.
     """
 
     kind: Literal["single", "ddp", "deepspeed"] = "single"
@@ -23,6 +25,7 @@ class RuntimeConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     offload_optimizer: bool = False
     timeout_s: int = 600
+    allow_tf32: bool = False  # GPU speed switch (docs/real-run.md): TF32 for fp32 matmuls; false is PyTorch's default
 
     def validate(self) -> None:
         if self.kind == "deepspeed" and self.zero_stage not in (1, 2, 3):

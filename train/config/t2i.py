@@ -104,6 +104,8 @@ class TrainT2IConfig:
     grad_clip: float | None = 1.0
     ema_decay: float | None = 0.9999  # null: no EMA weights
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # GPU speed switch (docs/real-run.md): the UNet's weights and input in NHWC strides
+    compile_unet: bool = False  # GPU speed switch: torch.compile (inductor) of the UNet, in place; off until measured
     nan_policy: Literal["fail", "skip"] = "fail"
     max_consecutive_skips: int = 3
     buckets: BucketConfig = field(default_factory=BucketConfig)

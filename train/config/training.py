@@ -10,7 +10,13 @@ from train.config.typed import ConfigError
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup then a constant or cosine schedule (per optimizer step)."""
+    """AdamW with linear warmup then a constant or cosine schedule (per optimizer step).
+
+    ``implementation``: torch's AdamW kernel. ``auto`` leaves the choice to torch (foreach on a GPU,
+    the per-parameter for-loop on the CPU; torch never picks fused by itself); ``for_loop``,
+    ``foreach`` (one kernel per op over all parameters) and ``fused`` (one kernel per step, on the
+    GPU and, since torch 2.4, the CPU) name one. They compute the same update up to rounding.
+    """
 
     name: Literal["adamw"] = "adamw"
     lr: float = 1e-4
@@ -20,6 +26,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
+    implementation: Literal["auto", "for_loop", "foreach", "fused"] = "auto"  # GPU speed switch (docs/real-run.md)
 
     def validate(self) -> None:
         if self.lr <= 0:

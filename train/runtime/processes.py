@@ -82,6 +82,14 @@ def keep_freed_memory_in_heap() -> bool:
         return False
 
 
+def set_tf32(allow: bool) -> None:
+    """runtime.allow_tf32: CUDA fp32 matmuls on TF32 tensor cores, or IEEE fp32 (PyTorch's default);
+    set both ways, so that a sweep's job never inherits the last one's. The legacy flag, as accelerate
+    sets it: torch 2.9+ refuses to report the matmul precision once the legacy and per-backend APIs
+    are mixed. cuDNN convolutions use TF32 by PyTorch's default (untouched). No effect on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+
+
 def _skip_deepspeed_shm_kernel() -> None:
     """Stop DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (~50 s of gcc per
     fresh machine). That kernel only serves `inference_all_reduce` (inference tensor
@@ -368,6 +376,7 @@ def start_runtime(options: RuntimeConfig, *, micro_batch_size: int, grad_accum: 
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device", "cuda requested but no GPU is visible; use runtime.device=auto or cpu")
     bf16 = options.precision == "bf16" or (options.precision == "auto" and cuda)
+    set_tf32(options.allow_tf32)
     plugin, env_set = None, []
     if options.kind == "deepspeed":
         env_set = _ensure_single_process_env()

@@ -36,6 +36,7 @@ from train.t2i.export import export_raw_weights, export_trained, sample_grid, tr
 from train.t2i.objective import Objective
 from train.t2i.parts import FrozenEncoders, build_denoiser, load_frozen
 from train.t2i.resolution_schedule import ResolutionPlan
+from train.t2i.speed import compile_unet, to_channels_last
 from train.training.checkpointing import TrainState
 from train.training.ema import EmaWeights
 from train.training.loop import Parts, train_steps
@@ -47,7 +48,8 @@ log = logging.getLogger("recap")
 # Keys that change what this stage computes: a resume with any of them changed is refused.
 RESUME_KEYS = ("seed", "train_t2i", "caption_mix", "text_encoder", "unet", "diffusion", "data.reader",
                "runtime.kind", "runtime.zero_stage", "runtime.precision")
-RESUME_IGNORE = ("train_t2i.sampling", "train_t2i.nan_policy", "train_t2i.max_consecutive_skips", *READER_TUNING_KEYS)
+RESUME_IGNORE = ("train_t2i.sampling", "train_t2i.nan_policy", "train_t2i.max_consecutive_skips",
+                 "train_t2i.channels_last", "train_t2i.compile_unet", *READER_TUNING_KEYS)
 
 
 def check(cfg: ExperimentConfig) -> None:
@@ -78,7 +80,11 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     denoiser = build()  # xf + UNet
     if t.gradient_checkpointing:
         denoiser.unet.enable_gradient_checkpointing()
+    if t.channels_last:
+        to_channels_last(denoiser)
     ema = EmaWeights(denoiser, t.ema_decay, rt.device) if t.ema_decay is not None else None
+    if t.compile_unet:
+        compile_unet(denoiser)  # after the EMA copy (train/t2i/speed.py)
     optimizer = build_optimizer(denoiser.parameters(), t.optimizer)
     scheduler = build_staged_scheduler(optimizer, t.optimizer, plan.lengths, plan.lrs)
     model, optimizer = rt.prepare(denoiser, optimizer)
@@ -90,7 +96,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     parts, resumed = open_session(settings, rt, model=model, optimizer=optimizer, scheduler=scheduler,
                                   reader=batches, ema=ema)
     objective = Objective(cfg.diffusion, frozen, rt.device)
-    _log_start(denoiser, rt, plan)
+    _log_start(denoiser, rt, plan, _speed_switches(cfg))
 
     weights = partial(trained_weights, rt, model, ema.module if ema else None, build)  # collective without EMA
     grids = _Grids(t.sampling, run_dir / "samples", frozen, objective.noise.config, plan)
@@ -115,10 +121,18 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                          "samples": str(grid) if grid else None, "export": str(run_dir / "pipeline")})
 
 
-def _log_start(denoiser: CaptionConditionedUNet, rt: Runtime, plan: ResolutionPlan) -> None:
+def _log_start(denoiser: CaptionConditionedUNet, rt: Runtime, plan: ResolutionPlan, speed: str) -> None:
     trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    log.info("%s: %d trainable parameters (xf + UNet), %d process(es), %s, %s; stages %s", STAGE, trainable,
-             rt.world_size, rt.device, rt.precision, " -> ".join(plan.labels()))
+    log.info("%s: %d trainable parameters (xf + UNet), %d process(es), %s, %s; stages %s; %s", STAGE, trainable,
+             rt.world_size, rt.device, rt.precision, " -> ".join(plan.labels()), speed)
+
+
+def _speed_switches(cfg: ExperimentConfig) -> str:
+    """The GPU speed switches as the start line reports them: 'speed: channels_last, AdamW fused'."""
+    t = cfg.train_t2i
+    on = [name for name, value in (("channels_last", t.channels_last), ("compile_unet", t.compile_unet),
+                                   ("allow_tf32", cfg.runtime.allow_tf32)) if value]
+    return f"speed: {', '.join([*on, f'AdamW {t.optimizer.implementation}'])}"
 
 
 @dataclass(frozen=True)

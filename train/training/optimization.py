@@ -11,10 +11,18 @@ import torch
 from train.config.training import OptimizerConfig
 
 
+# optimizer.implementation -> torch AdamW's (foreach, fused); None leaves torch's own choice, made at
+# each step from where the parameters are (foreach on a GPU, the for-loop on the CPU)
+_KERNELS: dict[str, tuple[bool | None, bool | None]] = {
+    "auto": (None, None), "for_loop": (False, None), "foreach": (True, None), "fused": (None, True)}
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """torch AdamW (foreach off on CPU is not needed: the default is deterministic here)."""
+    """torch AdamW with the kernel cfg.implementation names (the parameters may still be on the CPU:
+    torch's fused kernels run on the GPU and the CPU alike)."""
+    foreach, fused = _KERNELS[cfg.implementation]
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, weight_decay=cfg.weight_decay)
+                             eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
