@@ -47,7 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from train.config.execution import RuntimeConfig  # noqa: E402
 from train.config.loading import load_experiment  # noqa: E402
-from train.runtime.processes import seed_everything, set_tf32, start_runtime  # noqa: E402
+from train.runtime.placement import set_tf32  # noqa: E402
+from train.runtime.processes import seed_everything, start_runtime  # noqa: E402
 from train.t2i.objective import Objective  # noqa: E402
 from train.t2i.parts import build_denoiser  # noqa: E402
 from train.t2i.speed import AttentionKernels, attention_layers, compile_unet, to_channels_last  # noqa: E402

@@ -22,3 +22,13 @@ def inference_placement(runtime: RuntimeConfig) -> tuple[Any, bool]:
     device = torch.device(f"cuda:{local_rank()}" if use_cuda else "cpu")
     bf16 = use_cuda and runtime.precision in ("auto", "bf16")
     return device, bf16
+
+
+def set_tf32(allow: bool) -> None:
+    """runtime.allow_tf32: CUDA fp32 matmuls on TF32 tensor cores, or IEEE fp32 (PyTorch's default);
+    set both ways, so that a sweep's job never inherits the last one's. The legacy flag, as accelerate
+    sets it: torch 2.9+ refuses to report the matmul precision once the legacy and per-backend APIs
+    are mixed. cuDNN convolutions use TF32 by PyTorch's default (untouched). No effect on the CPU."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = allow

@@ -34,6 +34,7 @@ from train.config.execution import RuntimeConfig
 from train.config.typed import ConfigError
 from train.runtime.engine_saves import save_engine_state
 from train.runtime.environment import launched_world_size
+from train.runtime.placement import set_tf32
 
 DEEPSPEED_TAG = "deepspeed"  # the checkpoint subfolder DeepSpeed writes its own layout into
 
@@ -80,14 +81,6 @@ def keep_freed_memory_in_heap() -> bool:
                     libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30)))
     except (OSError, AttributeError):  # not glibc
         return False
-
-
-def set_tf32(allow: bool) -> None:
-    """runtime.allow_tf32: CUDA fp32 matmuls on TF32 tensor cores, or IEEE fp32 (PyTorch's default);
-    set both ways, so that a sweep's job never inherits the last one's. The legacy flag, as accelerate
-    sets it: torch 2.9+ refuses to report the matmul precision once the legacy and per-backend APIs
-    are mixed. cuDNN convolutions use TF32 by PyTorch's default (untouched). No effect on the CPU."""
-    torch.backends.cuda.matmul.allow_tf32 = allow
 
 
 def _skip_deepspeed_shm_kernel() -> None:
