@@ -14,8 +14,10 @@ Memory per GPU of the trained states (xf + UNet), the usual mixed-precision acco
 paper, Rajbhandari et al. 2020, section 3.1): bf16 weights 2 B + bf16 gradients 2 B + fp32 master
 weights and Adam moments 12 B per parameter, plus this trainer's EMA, an fp32 copy of the whole
 model on every rank (train/training/ema.py ``EmaWeights``) = 4 B. ZeRO-1 shards the 12 B, ZeRO-2 also
-the gradients, ZeRO-3 also the weights, over N GPUs. Frozen T5 and VAE are whole on every rank
-(train-t2i loads them even when it trains from the cache). A static estimate: activations,
+the gradients, ZeRO-3 also the weights, over N GPUs. Trained from raw images, the frozen T5 and VAE
+are whole on every rank; from a cache (train_t2i.cache), neither is on any GPU but the VAE's decoder
+(decoder + post_quant_conv) on the rank that draws sample grids (benchmarks/t2i_cache_memory.py
+measures it). A static estimate: activations,
 DDP gradient buckets, DeepSpeed communication buffers, the CUDA context and allocator
 fragmentation are NOT included.
 
@@ -50,6 +52,7 @@ class Counts:
     unet: int
     t5: int
     vae: int
+    vae_decoder: int  # decoder + post_quant_conv: what train-t2i from a cache loads, on one rank
 
     @property
     def trained(self) -> int:
@@ -69,7 +72,9 @@ def count_parameters(preset: str = PRESETS[0]) -> Counts:
         vae = build_vae(cfg.vae.block_out_channels, layers_per_block=cfg.vae.layers_per_block,
                         latent_channels=cfg.vae.latent_channels, norm_num_groups=cfg.vae.norm_num_groups)
     assert all(p.is_meta for p in denoiser.parameters()), "the builder allocated real weights"
-    return Counts(xf=_numel(denoiser.caption_transformer), unet=_numel(denoiser.unet), t5=_numel(t5), vae=_numel(vae))
+    decoder = _numel(vae.decoder) + (_numel(vae.post_quant_conv) if vae.post_quant_conv is not None else 0)
+    return Counts(xf=_numel(denoiser.caption_transformer), unet=_numel(denoiser.unet), t5=_numel(t5), vae=_numel(vae),
+                  vae_decoder=decoder)
 
 
 def per_gpu_bytes(params: int, gpus: int, zero_stage: int) -> dict[str, float]:
@@ -86,7 +91,7 @@ def per_gpu_bytes(params: int, gpus: int, zero_stage: int) -> dict[str, float]:
 def memory_table(counts: Counts, gpus: int) -> list[str]:
     frozen = {"bf16": 2 * (counts.t5 + counts.vae), "fp32": 4 * (counts.t5 + counts.vae)}
     head = (f"{'runtime':<8} {'weights':>8} {'grads':>8} {'master+Adam':>12} {'EMA':>8} {'states':>8} "
-            f"{'vs DDP':>7} {'+frozen bf16':>13} {'+frozen fp32':>13}")
+            f"{'vs DDP':>7} {'+frozen bf16':>13} {'+frozen fp32':>13} {'cache rank 0':>13}")
     lines = [head, "-" * len(head)]
     ddp_total = sum(per_gpu_bytes(counts.trained, gpus, 0).values())
     for name, stage in (("DDP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3)):
@@ -94,7 +99,8 @@ def memory_table(counts: Counts, gpus: int) -> list[str]:
         total = sum(b.values())
         lines.append(f"{name:<8} {b['weights'] / GIB:>8.2f} {b['grads'] / GIB:>8.2f} {b['optimizer'] / GIB:>12.2f} "
                      f"{b['ema'] / GIB:>8.2f} {total / GIB:>8.2f} {total / ddp_total:>7.3f} "
-                     f"{(total + frozen['bf16']) / GIB:>13.2f} {(total + frozen['fp32']) / GIB:>13.2f}")
+                     f"{(total + frozen['bf16']) / GIB:>13.2f} {(total + frozen['fp32']) / GIB:>13.2f} "
+                     f"{(total + 4 * counts.vae_decoder) / GIB:>13.2f}")
     return lines
 
 
@@ -112,12 +118,15 @@ def main() -> None:
                      ("UNet2DConditionModel (unet=dalle3_0p9b)", counts.unet),
                      ("trained: xf + UNet", counts.trained),
                      ("frozen: T5-XXL encoder (t5-v1_1-xxl shape)", counts.t5),
-                     ("frozen: SD VAE (vae=sd, AutoencoderKL)", counts.vae)):
+                     ("frozen: SD VAE (vae=sd, AutoencoderKL)", counts.vae),
+                     ("  of which the decoder (+ post_quant_conv)", counts.vae_decoder)):
         print(f"  {label:<45} {n:>15,}  ({n / 1e9:.3f} B)")
     print()
     print(f"Static per-GPU memory in GiB: bytes/param weights {WEIGHTS} (bf16) + grads {GRADS} (bf16) + "
           f"master+Adam {OPTIMIZER} (fp32) + EMA {EMA} (fp32, whole on every rank);")
-    print("frozen T5-XXL + VAE whole on every rank, in the dtype their checkpoints load in (bf16 or fp32).")
+    print("From raw images: + frozen T5-XXL + VAE whole on every rank, in the dtype their checkpoints load in (bf16 or "
+          "fp32).")
+    print("From a cache: states only; the rank drawing sample grids adds the VAE's decoder (fp32): 'cache rank 0'.")
     print("EXCLUDES activations, DDP gradient buckets, DeepSpeed buffers, CUDA context, fragmentation.")
     for gpus in gpu_counts:
         presets = ", ".join(f"{p}: {w}" for p, w in worlds.items() if w == gpus)

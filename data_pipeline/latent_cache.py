@@ -15,12 +15,28 @@ text members and json, drops its image, and gains ``KEY.cache.safetensors`` hold
 
 `FromCache` turns that member into training items for `BucketedBatches`; `collate_cached`
 batches them. The trainer then starts from latents and states instead of pixels and token ids.
+
+Beside the shards, ``conditioning.safetensors`` holds the T5 states no sample holds, so that
+train-t2i from the cache loads no T5 (written once by the cache job's rank 0; float32, computed
+outside autocast, as train-t2i computed them from raw images):
+
+    empty_states          (T_e, D) the empty caption's states, classifier-free-guidance dropout's
+    empty_mask            (T_e,)   bool, all True
+    prompt_states         (P, T, D) train_t2i.sampling.prompts as RecapPipeline.encode_prompts
+    prompt_mask           (P, T)    pads them (to the longest, zero at padding); absent when P = 0
+    unconditional_states  (P, T_u, D) the empty caption P times, the sample grid's guidance batch
+    unconditional_mask    (P, T_u)
+
+and, in the safetensors header's metadata (``recap``: a JSON object), what they were computed
+with: text_encoder, tokenizer, max_tokens, seed (the toy T5's), prompts.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +44,12 @@ import torch.nn.functional as F
 
 from data_pipeline.aspect_buckets import Bucket
 from data_pipeline.caption_mix import CaptionMix
+from data_pipeline.shard_io import is_local, shard_name
 
 CACHE_MEMBER = "cache.safetensors"
 STATS_SUFFIX = ".cache.json"
+CONDITIONING_FILE = "conditioning.safetensors"
+_ABOUT = "recap"  # the conditioning file's metadata entry (safetensors metadata maps str to str)
 
 
 def latents_name(resolution: int) -> str:
@@ -56,6 +75,35 @@ def decode_entry(data: bytes) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     return load(data)
+
+
+def encode_conditioning(tensors: dict[str, torch.Tensor], about: dict[str, Any]) -> bytes:
+    """The conditioning file's bytes: ``tensors`` and ``about`` (JSON, sorted keys) as metadata."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={_ABOUT: json.dumps(about, sort_keys=True)})
+
+
+def decode_conditioning(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, about) of a conditioning file's bytes; ValueError when they are not one."""
+    from safetensors.torch import load
+
+    try:  # safetensors: an 8-byte little-endian header length, then the JSON header
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        about = json.loads(header["__metadata__"][_ABOUT])
+        return load(data), about
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a cache conditioning file ({exc.__class__.__name__})") from None
+
+
+def conditioning_url(shard_url: str) -> str:
+    """Where the conditioning file of the cache holding ``shard_url`` lies: beside it (a remote
+    URL or ``pipe:`` command with the shard's file name replaced)."""
+    if is_local(shard_url):
+        return str(Path(shard_url).parent / CONDITIONING_FILE)
+    head, _, tail = shard_url.rpartition(shard_name(shard_url).removeprefix("pipe:"))
+    return f"{head}{CONDITIONING_FILE}{tail}"
 
 
 @dataclass

@@ -344,6 +344,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name, fsync, rename: readers see the old file or the new."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON under a temporary name, fsync, rename."""
     tmp = path.with_name(f".{path.name}.partial")

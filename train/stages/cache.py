@@ -5,11 +5,13 @@ has the format): per sample, the latents of its centre crop at its bucket for ea
 stage of train_t2i.stages, and the T5 states of each caption key in cache.keys. Images are
 decoded and fitted in DataLoader workers; the VAE and T5 run batched (bf16 on GPU). Shards are
 split over processes and written exactly once like recaptioning (train/runtime/shard_jobs.py: a
-killed job reruns to the same bytes; done shards are skipped). `recap train-t2i
-train_t2i.cache=DIR` then trains from it.
+killed job reruns to the same bytes; done shards are skipped). Rank 0 also writes, before its
+shards, ``conditioning.safetensors``: the empty caption's and train_t2i.sampling.prompts' T5
+states, so that `recap train-t2i train_t2i.cache=DIR` trains from the cache without loading T5
+(train/t2i/cached_conditioning.py); a rerun leaves it untouched unless the prompts changed.
 
-Reads: cache, train_t2i (vae, stages, buckets), text_encoder, seed, runtime.device /
-runtime.precision, logger.
+Reads: cache, train_t2i (vae, stages, buckets, sampling.prompts), text_encoder, seed,
+runtime.device / runtime.precision, logger.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from train.config.t2i import CacheConfig, TrainT2IConfig
 from train.runtime.placement import inference_placement
 from train.runtime.shard_jobs import (ShardJob, check_rank, expected_samples, list_inputs,
                                       refuse_output_holding_inputs, start_job)
+from train.t2i.cached_conditioning import conditioning_about, write_conditioning
 from train.t2i.parts import load_frozen
 from train.config.typed import ConfigError
 
@@ -137,6 +140,16 @@ def _write_shards(job: ShardJob, tasks: list[shards.ShardTask], features: _Featu
     return job.write_all(loader, features, lineage, bar=bar, total_tasks=len(tasks))
 
 
+def _conditioning(cfg: ExperimentConfig, features: _Features, device: torch.device) -> None:
+    """The cache's conditioning file (the empty caption's and the sampling prompts' T5 states),
+    written once: a rerun with the same text encoder and prompts leaves it as it is."""
+    prompts = cfg.train_t2i.sampling.prompts
+    about = conditioning_about(cfg.text_encoder, cfg.seed, prompts)
+    written = write_conditioning(Path(cfg.cache.output), features.frozen, about, device)
+    log.info("%s %s: the empty caption's T5 states and %d sampling prompt(s)", "wrote" if written else "kept",
+             Path(cfg.cache.output) / latent_cache.CONDITIONING_FILE, len(prompts))
+
+
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """Cache this process's share of the input shards; returns its summary."""
     urls = check(cfg)
@@ -161,6 +174,8 @@ def _run(cfg: ExperimentConfig, run_dir: Path, urls: list[str], job: ShardJob) -
                 rank, world, len(tasks) + already_done, len(urls), already_done, len(tasks),
                 sorted(features.tables), features.keys, c.dtype, device)
     Path(c.output).mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _conditioning(cfg, features, device)
     start = time.perf_counter()
     bar = progress(desc=job.label, unit="img", total=expected_samples(tasks),
                    enabled=cfg.logger.progress and job.console)

@@ -10,7 +10,10 @@ The algorithm, as `run` reads: frozen T5 + VAE, the xf stage + UNet and their EM
 batches of recaptioned shards (one caption per sample from the caption mix), then for each
 progressive-resolution stage: switch buckets and batch size, and train (noise, predict, MSE,
 classifier-free-guidance dropout to the empty caption; train/t2i/objective.py) until the
-stage's last step.
+stage's last step. From a cache (train_t2i.cache), neither T5 nor the VAE's encoder is loaded
+for training: the cache holds the empty caption's and the sampling prompts' T5 states, and only
+the rank that draws sample grids loads the VAE's decoder (train/t2i/cached_conditioning.py); the
+export loads the whole frozen encoders on the main rank's CPU after training.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from train.t2i.batches import (
     batches_summary, bucketed_batches, check_cache, check_latent_grid, enter_stage, mix_report, resolution_plan,
     stage_transforms,
 )
+from train.t2i.cached_conditioning import CachedEncoders, load_cached, read_conditioning
 from train.t2i.export import export_raw_weights, export_trained, sample_grid, trained_weights
 from train.t2i.objective import Objective
 from train.t2i.parts import FrozenEncoders, build_denoiser, load_frozen
@@ -54,11 +58,13 @@ RESUME_IGNORE = ("train_t2i.sampling", "train_t2i.nan_policy", "train_t2i.max_co
 
 def check(cfg: ExperimentConfig) -> None:
     """Before launch: the stages and their batches split over the processes the launcher starts,
-    and a cache (when given) that holds every stage's resolution and every caption key drawn."""
+    and a cache (when given) that holds every stage's resolution, every caption key drawn, the
+    empty caption's states and those of the sampling prompts."""
     launcher, t = cfg.launcher, cfg.train_t2i
     resolution_plan(t, launcher.nproc_per_node * launcher.nnodes)  # launcher=local: 1 (LauncherConfig.validate)
     if t.cache is not None:
         check_cache(t.cache, [s.resolution for s in t.stages], cfg.caption_mix.weights)
+        read_conditioning(t.cache, t.sampling.prompts)
 
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -73,7 +79,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                            max_consecutive_skips=t.max_consecutive_skips)
     start_logs(settings, rt)
 
-    frozen = load_frozen(cfg.text_encoder, t.vae, cfg.seed).to(rt.device)  # tokenizer, T5, VAE: the experiment's
+    frozen = _frozen(cfg, rt)  # tokenizer, T5, VAE: the experiment's (from a cache: its states, no T5)
     seed = cfg.seed if t.seed is None else t.seed  # the training's own
     build = partial(build_denoiser, cfg.unet, text_dim=frozen.text_dim, latent_channels=frozen.latent_channels)
     seed_everything(seed)  # identical initial weights on every rank
@@ -112,13 +118,25 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     raw = trained_weights(rt, model, None, build) if ema else None  # the live weights beside EMA (collective)
     grid = grids.write(parts, final)
     if rt.is_main:
-        export_trained(run_dir / "pipeline", weights=final, frozen=frozen, noise=objective.noise)
+        # from a cache: tokenizer, T5 and the whole VAE loaded now, on the CPU, for the export only
+        whole = frozen if isinstance(frozen, FrozenEncoders) else load_frozen(cfg.text_encoder, t.vae, cfg.seed)
+        export_trained(run_dir / "pipeline", weights=final, frozen=whole, noise=objective.noise)
         export_raw_weights(run_dir / "raw_weights", raw)
     rt.barrier()
     return parts.finish({**(results[-1] if results else {"steps": parts.state.step}), "resumed": resumed,
                          "processes": rt.world_size, "runtime": rt.name, "stages": plan.labels(),
                          "img_per_s_by_stage": [r["img_per_s"] for r in results], **batches_summary(rt, batches),
                          "samples": str(grid) if grid else None, "export": str(run_dir / "pipeline")})
+
+
+def _frozen(cfg: ExperimentConfig, rt: Runtime) -> FrozenEncoders | CachedEncoders:
+    """The frozen side on this rank: from raw images the tokenizer, T5 and VAE on its device; from
+    a cache its conditioning states and the VAE's config, plus the VAE's decoder on the rank that
+    draws sample grids."""
+    t = cfg.train_t2i
+    if t.cache is None:
+        return load_frozen(cfg.text_encoder, t.vae, cfg.seed).to(rt.device)
+    return load_cached(t.cache, t.vae, t.sampling.prompts, rt.device, decoder=rt.is_main and bool(t.sampling.prompts))
 
 
 def _log_start(denoiser: CaptionConditionedUNet, rt: Runtime, plan: ResolutionPlan, speed: str) -> None:
@@ -142,7 +160,7 @@ class _Grids:
 
     sampling: SamplingConfig
     folder: Path
-    frozen: FrozenEncoders
+    frozen: FrozenEncoders | CachedEncoders
     noise_config: Any  # the training noise schedule's config (the DDIM sampler's)
     plan: ResolutionPlan
 

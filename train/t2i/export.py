@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from models.denoiser import CaptionConditionedUNet
-from models.pipeline import RecapPipeline, export_pipeline
+from models.pipeline import export_pipeline
 from train.runtime.processes import Runtime
+from train.t2i.cached_conditioning import CachedEncoders
 from train.t2i.parts import FrozenEncoders
 
 
@@ -35,21 +36,17 @@ def trained_weights(rt: Runtime, model: Any, ema: CaptionConditionedUNet | None,
     return module.to(rt.device).eval()
 
 
-def pipeline_for(weights: CaptionConditionedUNet, frozen: FrozenEncoders, scheduler: Any) -> RecapPipeline:
-    return RecapPipeline(tokenizer=frozen.tokenizer, text_encoder=frozen.text_encoder,
-                         caption_transformer=weights.caption_transformer, unet=weights.unet, vae=frozen.vae,
-                         scheduler=scheduler)
-
-
-def sample_grid(path: Path, *, weights: CaptionConditionedUNet, frozen: FrozenEncoders, prompts: Sequence[str],
-                resolution: int, steps: int, guidance_scale: float, seed: int, noise_config: Any) -> Path:
+def sample_grid(path: Path, *, weights: CaptionConditionedUNet, frozen: FrozenEncoders | CachedEncoders,
+                prompts: Sequence[str], resolution: int, steps: int, guidance_scale: float, seed: int,
+                noise_config: Any) -> Path:
     """One image per prompt (DDIM, classifier-free guidance, its own seeded generator: the
-    training RNG is untouched), saved side by side as a PNG at ``path``."""
+    training RNG is untouched), saved side by side as a PNG at ``path``. ``frozen``: T5 and the
+    VAE, or from a cache the prompts' cached states and the VAE's decoder."""
     from diffusers import DDIMScheduler
     from torchvision.utils import save_image
 
     device = next(weights.parameters()).device
-    pipe = pipeline_for(weights, frozen, DDIMScheduler.from_config(noise_config))
+    pipe = frozen.pipeline(weights, DDIMScheduler.from_config(noise_config))
     pipe.set_progress_bar_config(disable=True)
     was_training = weights.training
     weights.eval()

@@ -12,6 +12,7 @@ from models.diffusion import (
     drop_captions, dropout_draws, loss_weights, make_scheduler, noised_and_target, weighted_mse,
 )
 from train.config.models import DiffusionConfig
+from train.t2i.cached_conditioning import CachedEncoders
 from train.t2i.parts import FrozenEncoders
 
 
@@ -21,10 +22,12 @@ class Objective:
     A batch holds either ``pixels`` uint8 (B, 3, H, W) with ``input_ids``/``mask`` (B, T), or
     cached ``latents`` (B, C, H/f, W/f) (f: the VAE's factor) with T5 ``states`` (B, T, D) and
     ``mask``; and ``seeds`` int64 (B,) on the CPU (train/training/loop.py leaves them there), one
-    per sample.
+    per sample. Cached batches only with ``CachedEncoders`` (no T5, no VAE encoder: the empty
+    caption's states come from the cache).
     """
 
-    def __init__(self, diffusion: DiffusionConfig, frozen: FrozenEncoders, device: torch.device) -> None:
+    def __init__(self, diffusion: DiffusionConfig, frozen: FrozenEncoders | CachedEncoders,
+                 device: torch.device) -> None:
         d = diffusion
         self.frozen, self.min_snr_gamma, self.cfg_dropout = frozen, d.min_snr_gamma, d.cfg_dropout
         self.noise = make_scheduler(prediction_type=d.prediction_type, beta_schedule=d.beta_schedule,

@@ -3,7 +3,8 @@ load the same way.
 
 Frozen: the tokenizer and T5 encoder (a local Hugging Face folder, or for the toy world a tiny
 random T5 built from its architecture under a fixed seed, so every stage builds the very same
-one), and the VAE (a diffusers folder). Trained: the xf caption stage and the UNet.
+one), and the VAE (a diffusers folder). Trained: the xf caption stage and the UNet. (Training from
+a cache loads neither T5 nor the VAE's encoder: train/t2i/cached_conditioning.py.)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from data_pipeline.caption_tokenizer import load_tokenizer
 from data_pipeline.seeding import derive_seed
 from models.denoiser import CaptionConditionedUNet
+from models.pipeline import RecapPipeline
 from models.text_conditioning import CaptionTransformer, build_t5_encoder, encode_captions
 from models.unet import build_unet
 from models.vae import downsampling_factor, encode_pixels
@@ -73,6 +75,12 @@ class FrozenEncoders:
         mask = torch.ones_like(ids, dtype=torch.bool)
         return self.text(ids, mask)[0], mask[0]
 
+    def pipeline(self, weights: CaptionConditionedUNet, scheduler: Any) -> RecapPipeline:
+        """A sampling pipeline of the trained ``weights`` (xf + UNet) with these encoders."""
+        return RecapPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder,
+                             caption_transformer=weights.caption_transformer, unet=weights.unet, vae=self.vae,
+                             scheduler=scheduler)
+
 
 def load_text_encoder(te: TextEncoderConfig, seed: int) -> tuple[Any, Any]:
     """(tokenizer, frozen T5EncoderModel) per the text_encoder config section."""
@@ -90,6 +98,11 @@ def load_text_encoder(te: TextEncoderConfig, seed: int) -> tuple[Any, Any]:
     return tokenizer, t5
 
 
+def _no_vae(folder: str, exc: Exception) -> ConfigError:
+    return ConfigError("train_t2i.vae", f"no diffusers AutoencoderKL at {folder} ({exc.__class__.__name__}); run "
+                       "`recap train-vae` (toy) or point it at a pretrained VAE folder")
+
+
 def load_vae(folder: str) -> Any:
     """A frozen diffusers AutoencoderKL from a local folder."""
     from diffusers import AutoencoderKL
@@ -97,10 +110,27 @@ def load_vae(folder: str) -> Any:
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ConfigError("train_t2i.vae", f"no diffusers AutoencoderKL at {folder} ({exc.__class__.__name__}); run "
-                          "`recap train-vae` (toy) or point it at a pretrained VAE folder") from None
+        raise _no_vae(folder, exc) from None
     vae.requires_grad_(False)
     return vae.eval()
+
+
+def load_vae_config(folder: str) -> dict[str, Any]:
+    """The config of the diffusers AutoencoderKL in a local folder, without reading its weights."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return dict(AutoencoderKL.load_config(folder, local_files_only=True))
+    except (OSError, ValueError) as exc:
+        raise _no_vae(folder, exc) from None
+
+
+def load_vae_decoder(folder: str) -> Any:
+    """The frozen VAE of a local folder without its encoder half (``encoder`` and ``quant_conv``
+    dropped before it moves anywhere): what decoding sample grids needs."""
+    vae = load_vae(folder)
+    vae.encoder, vae.quant_conv = None, None
+    return vae
 
 
 def load_frozen(te: TextEncoderConfig, vae_folder: str, seed: int) -> FrozenEncoders:
