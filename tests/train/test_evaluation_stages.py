@@ -284,5 +284,12 @@ def test_the_dsc_reference_is_recaptions_member_when_present_else_the_toy_ground
     assert (dsc, source, targets) == ("A small red star at the top.", "json.gt_dsc", None)
     with pytest.raises(ValueError, match="no DSC reference"):
         EvalItem(16, with_targets=False)({**sample, "dsc.txt": "", "json.gt_dsc": ""})
+    # production held-out shards: no toy ground truth; recaption's DSC captioner stopped at once
+    recaptioned = {**sample, "json": {"caption": "web", "recaption": {"ssc": {}, "dsc": {"captioner": "dsc"}}},
+                   "dsc.txt": "", "json.gt_dsc": ""}
+    _, alt, dsc, source, _ = EvalItem(16, with_targets=False)(recaptioned)
+    assert (alt, dsc, source) == ("IMG_1.jpg", "", "empty")
+    with pytest.raises(ValueError, match="no DSC reference"):  # recaptioned without a dsc key
+        EvalItem(16, with_targets=False)({**recaptioned, "json": {"recaption": {"ssc": {}}}})
     with pytest.raises(ValueError, match="evaluate.probe is set"):
         EvalItem(16, with_targets=True)({**sample, "json": {"caption": "web"}})
