@@ -24,7 +24,6 @@ checks what each stage wrote.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -32,7 +31,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tests.production.substitutes import Substitutes, write_substitutes
 
@@ -85,6 +83,8 @@ STAGES: list[tuple[str, list[str]]] = [
 
 @dataclass
 class StageRun:
+    """One `recap STAGE` process: its arguments, exit code, times and stderr."""
+
     stage: str
     args: list[str]
     returncode: int
@@ -140,14 +140,6 @@ def run_chain(root: Path, *, full_size_coca: bool = False) -> tuple[Substitutes,
             print(runs[-1].stderr[-4000:], file=sys.stderr)
             break
     return substitutes, runs
-
-
-def run_dir(root: Path, stage: str) -> Path:
-    return root / "runs" / EXPERIMENT / stage.replace("-", "_")
-
-
-def summary(root: Path, stage: str, *parts: str, name: str = "summary.json") -> dict[str, Any]:
-    return json.loads(run_dir(root, stage).joinpath(*parts, name).read_text())
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ that wrote the real one and in the folder layout the real download has:
   scaling factor but narrow blocks, saved with diffusers' ``save_pretrained``;
 - CoCa: a named open_clip CoCa, its state dict saved as open_clip's hub export saves one
   (``torch.save`` to open_clip_pytorch_model.bin, beside open_clip_config.json). By default
-  ``coca_ViT-B-32-test-small``: coca_ViT-B-32's config with narrow, shallow towers (7.6 M
+  ``coca_ViT-B-32-test-small``: coca_ViT-B-32's config with narrow, shallow towers (6.8 M
   parameters, open_clip's vocabulary and context), registered with open_clip from a config folder
   (tests/production/startup/sitecustomize.py does it in the stage processes). ``full_size_coca``:
   open_clip's own ``coca_ViT-B-32`` (253 M parameters; minutes per stage on a CPU, ~4 GB per
@@ -84,9 +84,9 @@ def write_substitutes(root: Path, *, full_size_coca: bool = False) -> Substitute
     configs = write_small_coca_config(models / "open_clip_configs")
     open_clip.add_model_config(configs)  # as the stage processes do (tests/production/startup)
     coca = FULL_COCA if full_size_coca else SMALL_COCA
+    coca_file = models / "open_clip" / coca / "open_clip_pytorch_model.bin"
     out = Substitutes(t5=write_t5(models / "t5-v1_1-xxl", _corpus()), vae=write_vae(models / "sd-vae-ft-mse"),
-                      coca_name=coca, coca=write_open_clip(coca, models / "open_clip" / coca / "open_clip_pytorch_model.bin"),
-                      open_clip_configs=configs,
+                      coca_name=coca, coca=write_open_clip(coca, coca_file), open_clip_configs=configs,
                       clip=write_open_clip(CLIP, models / "clip-vit-b-32-openai" / "open_clip_model.safetensors"),
                       train=root / "data" / "train", heldout=root / "data" / "heldout")
     write_toy_dataset({"train": out.train, "heldout": out.heldout}, DATA, progress=False)

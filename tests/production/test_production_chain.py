@@ -86,8 +86,9 @@ def test_recaption_writes_both_captions_into_every_sample(chain, run: str, folde
     root, _, _ = chain
     ranks = _ranks(_dir(root, run))
     assert sum(r["images_captioned"] for r in ranks) == samples and sum(r["failures"] for r in ranks) == 0
-    sha = {style: hashlib.sha256(_dir(root, "finetune_captioner", style, "captioner",
-                                      "open_clip_model.safetensors").read_bytes()).hexdigest() for style in ("ssc", "dsc")}
+    weights = {style: _dir(root, "finetune_captioner", style, "captioner", "open_clip_model.safetensors")
+               for style in ("ssc", "dsc")}
+    sha = {style: hashlib.sha256(path.read_bytes()).hexdigest() for style, path in weights.items()}
     keys = 0
     for shard in sorted(_dir(root, "recaption", folder).glob("*.tar")):
         with tarfile.open(shard) as tar:
@@ -130,11 +131,18 @@ def test_train_t2i_under_zero2_exports_the_pretrained_encoders(chain) -> None:
     assert _json(pipeline / "vae" / "config.json")["scaling_factor"] == 0.18215
 
 
-def test_sample_runs_once_under_the_presets_torchrun(chain) -> None:
+@pytest.mark.parametrize(("stage", "started"), [("sample", "INFO sample: 2 prompt(s) at 64x64"),
+                                               ("evaluate", "INFO evaluate: 4 held-out samples")])
+def test_sample_and_evaluate_run_once_under_the_presets_torchrun(chain, stage: str, started: str) -> None:
     root, _, runs = chain
-    run = next(r for r in runs if r.stage == "sample")
-    assert "recap sample: runs in one process (launcher=torchrun" in run.stderr
-    assert [p.name for p in (_dir(root, "sample", "logs")).iterdir()] == ["sample.rank0.log"]
+    run = next(r for r in runs if r.stage == stage)
+    assert f"recap {stage}: runs in one process (launcher=torchrun" in run.stderr
+    log = _dir(root, stage, "logs", f"{stage}.rank0.log").read_text()
+    assert log.count(started) == 1  # not one per torchrun process, all appending to this log
+
+
+def test_sample_draws_each_prompt_at_the_asked_size(chain) -> None:
+    root, _, _ = chain
     images = sorted(_dir(root, "sample", "images").glob("*.png"))
     assert len(images) == 2 and all(Image.open(p).size == (RESOLUTION, RESOLUTION) for p in images)
 
