@@ -118,7 +118,8 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
     summary = _evaluate(root, toy_data, tiny_pipeline, "evaluate.samples=16")  # all of the test shard
     run_dir = root / "toy" / "evaluate"
     ev = json.loads((run_dir / "evaluation.json").read_text())
-    assert ev["samples"] == 16 and ev["size"] == SIZE and ev["dsc_references"] == {"dsc.txt": 0, "gt_dsc": 16}
+    assert ev["samples"] == 16 and ev["size"] == SIZE and ev["dsc_references"] == {"dsc.txt": 0, "gt_dsc": 16,
+                                                                                    "empty dsc.txt": 0}
     r = ev["results"]
     assert set(r) == {"generated_from_alt_text", "generated_from_dsc", "real", "vae_round_trip", "majority_class"}
     assert set(r["generated_from_alt_text"]) == {"clip_score_alt_text"}
