@@ -118,7 +118,8 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
     summary = _evaluate(root, toy_data, tiny_pipeline, "evaluate.samples=16")  # all of the test shard
     run_dir = root / "toy" / "evaluate"
     ev = json.loads((run_dir / "evaluation.json").read_text())
-    assert ev["samples"] == 16 and ev["size"] == SIZE and ev["dsc_references"] == {"dsc.txt": 0, "gt_dsc": 16}
+    assert ev["samples"] == 16 and ev["size"] == SIZE and ev["dsc_references"] == {"dsc.txt": 0, "gt_dsc": 16,
+                                                                                    "empty dsc.txt": 0}
     r = ev["results"]
     assert set(r) == {"generated_from_alt_text", "generated_from_dsc", "real", "vae_round_trip", "majority_class"}
     assert set(r["generated_from_alt_text"]) == {"clip_score_alt_text"}
@@ -284,5 +285,12 @@ def test_the_dsc_reference_is_recaptions_member_when_present_else_the_toy_ground
     assert (dsc, source, targets) == ("A small red star at the top.", "json.gt_dsc", None)
     with pytest.raises(ValueError, match="no DSC reference"):
         EvalItem(16, with_targets=False)({**sample, "dsc.txt": "", "json.gt_dsc": ""})
+    # production held-out shards: no toy ground truth; recaption's DSC captioner stopped at once
+    recaptioned = {**sample, "json": {"caption": "web", "recaption": {"ssc": {}, "dsc": {"captioner": "dsc"}}},
+                   "dsc.txt": "", "json.gt_dsc": ""}
+    _, alt, dsc, source, _ = EvalItem(16, with_targets=False)(recaptioned)
+    assert (alt, dsc, source) == ("IMG_1.jpg", "", "empty")
+    with pytest.raises(ValueError, match="no DSC reference"):  # recaptioned without a dsc key
+        EvalItem(16, with_targets=False)({**recaptioned, "json": {"recaption": {"ssc": {}}}})
     with pytest.raises(ValueError, match="evaluate.probe is set"):
         EvalItem(16, with_targets=True)({**sample, "json": {"caption": "web"}})

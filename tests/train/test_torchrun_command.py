@@ -81,3 +81,17 @@ def test_torchrun_needs_a_rendezvous_endpoint(capsys):
                  "train_vae.global_batch_size=16", "train_vae.micro_batch_size=8"]) == EXIT_USAGE
     assert capsys.readouterr().err == ("recap train-vae: error: launcher.rdzv_endpoint: torchrun's nodes meet at "
                                        "node 0: set it to <node 0 host>:<port>\n")
+
+
+@pytest.mark.parametrize("stage", ["sample", "evaluate", "pipeline", "train-eval-clip"])
+def test_single_process_stages_run_once_under_torchrun(stage, capsys):
+    """A preset's launcher=torchrun (dalle3_256) starts only the stages that split their work over
+    ranks; `recap sample` there runs in one process instead of 8 copies that each redo it."""
+    from train.cli import main
+
+    args = [stage, "experiment=dalle3_256"]  # launcher=torchrun, 8 processes
+    assert main(["launch", *args, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [sys.executable, "-m", "train.cli", *args]
+    assert err == (f"recap {stage}: runs in one process (launcher=torchrun starts the stages that split their work "
+                   "over processes: pretrain-captioner, finetune-captioner, recaption, train-vae, cache, train-t2i)\n")

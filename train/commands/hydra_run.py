@@ -63,7 +63,9 @@ def _check_batch_for_world(stage: Stage, experiment: Any) -> None:
     from train.config.training import check_batch
     from train.runtime.environment import launched_world_size
 
-    if inside_launch():
+    if not stage.multi_process:  # runs in one process whatever the launcher (train-eval-clip)
+        world = 1
+    elif inside_launch():
         world = launched_world_size()
     else:  # every launcher starts nproc_per_node x nnodes processes (launcher=local: 1, validated)
         world = experiment.launcher.nproc_per_node * experiment.launcher.nnodes

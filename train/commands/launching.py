@@ -153,11 +153,17 @@ def _submit_slurm(name: str, overrides: list[str], experiment: Any, dry_run: boo
 
 def launcher_command(stage_args: list[str], launcher: Any) -> list[str] | None:
     """argv of the launcher that runs `recap <stage_args>` in every process, or None: run the stage
-    in this process (launcher=local, or this process is one a launcher started)."""
+    in this process (launcher=local, this process is one a launcher started, or a stage that runs in
+    one process whatever the launcher: it says so on stderr)."""
     from launch.deepspeed_launch import HostfileError, deepspeed_command, read_hostfile
     from launch.torchrun import torchrun_command
 
     if launcher.kind == "local" or inside_launch():
+        return None
+    if not STAGES[stage_args[0]].multi_process:  # e.g. sample, evaluate under a preset's launcher=torchrun
+        print(f"recap {stage_args[0]}: runs in one process (launcher={launcher.kind} starts the stages that split "
+              f"their work over processes: {', '.join(n for n, s in STAGES.items() if s.multi_process)})",
+              file=sys.stderr)
         return None
     if launcher.kind == "torchrun":
         assert launcher.rdzv_endpoint is not None  # LauncherConfig.validate

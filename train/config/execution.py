@@ -120,7 +120,9 @@ class SlurmConfig:
 @dataclass(frozen=True)
 class LauncherConfig:
     """How `recap STAGE` starts its processes: here (local), under torchrun, under DeepSpeed's launcher
-    (deepspeed), or as a Slurm batch job (slurm, through `recap launch`); see docs/slurm.md."""
+    (deepspeed), or as a Slurm batch job (slurm, through `recap launch`); see docs/slurm.md. Stages
+    that do not split their work over processes (sample, evaluate, ...) run as one process (under
+    Slurm, one per node)."""
 
     kind: Literal["local", "torchrun", "deepspeed", "slurm"] = "local"
     nproc_per_node: int = 1  # processes per node: one per GPU

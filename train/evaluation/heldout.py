@@ -25,6 +25,7 @@ from PIL import Image
 
 from data_pipeline.ground_truth import GroundTruthAccess
 from data_pipeline.options import ReaderOptions
+from data_pipeline.recaption import LINEAGE_FIELD
 from data_pipeline.samples import SampleSpec
 from data_pipeline.shard_io import NoShardsError, list_shards
 from data_pipeline.shard_reader import ShardReader
@@ -33,7 +34,8 @@ from train.config.evaluation import EvaluateConfig
 from train.config.typed import ConfigError
 
 DSC_MEMBER, GT_DSC = "dsc.txt", "json.gt_dsc"  # the DSC reference: recaption's member, else toy ground truth
-SOURCE_NAMES = {DSC_MEMBER: "dsc.txt", GT_DSC: "gt_dsc"}
+EMPTY_DSC = "empty"  # recaptioned, but the DSC captioner wrote nothing (it stopped at once)
+SOURCE_NAMES = {DSC_MEMBER: "dsc.txt", GT_DSC: "gt_dsc", EMPTY_DSC: "empty dsc.txt"}
 PROMPT_TEXTS = ("txt", DSC_MEMBER, GT_DSC)  # alt-text and both DSC references ("" when a sample lacks one)
 
 
@@ -122,15 +124,20 @@ class EvalItem:
 
     def __call__(self, s: dict[str, Any]) -> tuple[np.ndarray, str, str, str, dict[str, int] | None]:
         source = DSC_MEMBER if s[DSC_MEMBER].strip() else GT_DSC
-        if not s[source].strip():
-            raise ValueError(f"{s['__key__']}: no DSC reference (neither KEY.dsc.txt nor a toy gt_dsc)")
+        dsc = s[source]
+        if not dsc.strip():
+            # A DSC captioner that stopped at once wrote an empty KEY.dsc.txt (its lineage is in KEY.json):
+            # the sample stays in with an empty prompt, as an empty alt-text does. Never recaptioned: an error.
+            if "dsc" not in ((s.get("json") or {}).get(LINEAGE_FIELD) or {}):
+                raise ValueError(f"{s['__key__']}: no DSC reference (neither KEY.dsc.txt nor a toy gt_dsc)")
+            source, dsc = EMPTY_DSC, ""
         targets = None
         if self.with_targets:
             try:
                 targets = probe_targets(s["json"])
             except ValueError as exc:
                 raise ValueError(f"{s['__key__']}: evaluate.probe is set but {exc}") from None
-        return square_pixels(s["image"], self.size), s["txt"], s[source], source, targets
+        return square_pixels(s["image"], self.size), s["txt"], dsc, source, targets
 
 
 def read_prompted(e: EvaluateConfig, reader: ReaderOptions, seed: int, with_targets: bool) -> Prompted:
