@@ -171,6 +171,9 @@ def write_open_clip(name: str, path: Path) -> Path:
     from safetensors.torch import save_file
 
     model = open_clip.create_model(name)
+    if isinstance(model, open_clip.CoCa):  # open_clip leaves this one torch.empty (whatever the heap held:
+        width = model.text_decoder.width  # 1e31 after other tests ran in this process); as build_captioner does
+        torch.nn.init.normal_(model.text_decoder.text_projection, std=width ** -0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if path.suffix == ".safetensors":

@@ -106,7 +106,9 @@ def test_channels_last_reaches_the_convolutions_when_an_engine_makes_the_weights
     out = model(noisy, t, states, mask)
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
     assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, _denoiser()(noisy, t, states, mask), rtol=1e-5, atol=1e-6)
+    # channels-last picks other convolution kernels: fp32 sums in another order (~1e-6 of values ~1e-2)
+    reference = _denoiser()(noisy, t, states, mask)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
 
 
 def test_compile_unet_compiles_in_place_and_trains_alike(off: list[float]) -> None:
