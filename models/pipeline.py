@@ -58,6 +58,15 @@ def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[t
     return F.pad(tokens, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)
 
 
+def tokenize_prompts(tokenizer: Any, prompts: list[str], device: Any,
+                     max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids (B, T), mask (B, T) bool) of ``prompts`` on ``device``: padded to the longest,
+    truncated (keeping ``</s>``) to ``max_tokens``, by default the tokenizer's ``model_max_length``."""
+    batch = tokenizer(list(prompts), padding="longest", truncation=True, return_tensors="pt",
+                      max_length=max_tokens or tokenizer.model_max_length)
+    return batch.input_ids.to(device), batch.attention_mask.to(device).bool()
+
+
 def guided(noise: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance: ``noise`` (2B, C, h, w) is [unconditional; conditional] -> (B, C, h, w)."""
     uncond, cond = noise.chunk(2)
@@ -143,10 +152,7 @@ class RecapPipeline(DiffusionPipeline):
         """
         if isinstance(prompts, str):
             raise ValueError("encode_prompts takes a list of captions; wrap a single one as [prompt]")
-        device = self._execution_device
-        batch = self.tokenizer(list(prompts), padding="longest", truncation=True, return_tensors="pt",
-                               max_length=max_tokens or self.tokenizer.model_max_length)
-        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device).bool()  # (B, T)
+        ids, mask = tokenize_prompts(self.tokenizer, prompts, self._execution_device, max_tokens)  # (B, T)
         states = encode_captions(self.text_encoder, ids, mask)  # (B, T, d_model)
         tokens, pooled = self.caption_transformer(states.to(self.caption_transformer.dtype), mask)
         return tokens.to(self.unet.dtype), mask, pooled.to(self.unet.dtype)

@@ -29,7 +29,7 @@ import torch
 from data_pipeline.latent_cache import CONDITIONING_FILE, conditioning_url, decode_conditioning, encode_conditioning
 from data_pipeline.shard_io import NoShardsError, is_local, list_shards, open_shard, write_bytes_atomic
 from models.denoiser import CaptionConditionedUNet
-from models.pipeline import RecapPipeline
+from models.pipeline import RecapPipeline, tokenize_prompts
 from train.config.models import TextEncoderConfig
 from train.config.typed import ConfigError
 from train.t2i.parts import FrozenEncoders, load_vae_config, load_vae_decoder
@@ -43,10 +43,7 @@ def prompt_states(frozen: FrozenEncoders, prompts: Sequence[str],
     """T5 states (P, T, D), zero at padding, and mask (P, T) bool of ``prompts``, as
     `RecapPipeline.encode_prompts` computes them before its xf stage: padded to the longest,
     truncated to the tokenizer's ``model_max_length``."""
-    tokenizer = frozen.tokenizer
-    batch = tokenizer(list(prompts), padding="longest", truncation=True, return_tensors="pt",
-                      max_length=tokenizer.model_max_length)
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device).bool()
+    ids, mask = tokenize_prompts(frozen.tokenizer, list(prompts), device)
     return frozen.text(ids, mask), mask
 
 
