@@ -35,6 +35,11 @@ Scores are micro-averaged set overlaps summed over captions: ``mentioned`` = sta
 = ground-truth facts. Precision = correct / mentioned, recall = recalled / expected, and
 0.0 when the denominator is 0 (stating nothing earns nothing; the counts tell the two apart).
 An empty caption states nothing: it adds only to ``expected``.
+
+Two text-only measures sit beside the scores: ``distinct`` (how many different non-empty captions a
+source wrote: a captioner that ignores the image writes one) and ``stutters`` (captions where a word
+comes back within the next two words of a clause: "striped striped", "a pink star pink star", "a brown cross
+brown"; no caption of the toy world's own templates does).
 """
 
 from __future__ import annotations
@@ -268,6 +273,17 @@ def score_caption(caption: str, gt: dict) -> dict[str, AttributeScore]:
     return compare(parse_caption(caption), ground_truth_facts(gt))
 
 
+def stutters(caption: str) -> bool:
+    """True if a word of ``caption`` comes back within the next two words of the same clause
+    (case ignored; punctuation ends a clause, so "one shape: one red circle" is fine):
+    "striped striped", "a pink star pink star", "a brown cross brown"."""
+    for clause in re.split(r"[.,:;!?]", caption.lower()):
+        words = re.findall(r"[a-z0-9']+", clause)
+        if any(word in words[i + 1:i + 3] for i, word in enumerate(words)):
+            return True
+    return False
+
+
 class CaptionScorer:
     """Accumulates scores over many captions of ONE source (e.g. all DSC captioner outputs)."""
 
@@ -276,6 +292,8 @@ class CaptionScorer:
         self._captions = 0
         self._words = 0
         self._empty = 0
+        self._texts: set[str] = set()
+        self._stutters = 0
 
     def add(self, caption: str, gt: dict) -> None:
         """Score one caption against its scene's ground-truth dict and accumulate."""
@@ -284,9 +302,13 @@ class CaptionScorer:
         self._captions += 1
         self._words += len(caption.split())
         self._empty += not caption.strip()
+        if caption.strip():
+            self._texts.add(" ".join(caption.lower().split()))
+        self._stutters += stutters(caption)
 
     def summary(self) -> dict:
-        """Totals: caption count, mean words, empties, per-attribute and overall P/R.
+        """Totals: caption count, mean words, empties, distinct non-empty captions (case and
+        spacing ignored), stuttering captions, per-attribute and overall P/R.
 
         "overall" micro-averages over all attributes (facts summed across attributes).
         """
@@ -294,6 +316,8 @@ class CaptionScorer:
         return {"captions": self._captions,
                 "mean_words": self._words / self._captions if self._captions else 0.0,
                 "empty": self._empty,
+                "distinct": len(self._texts),
+                "stutters": self._stutters,
                 "per_attribute": {a: s.as_dict() for a, s in self._scores.items()},
                 "overall": total.as_dict()}
 
@@ -319,7 +343,7 @@ def _cell(stats: dict) -> str:
 def score_table(results: dict[str, dict]) -> str:
     """Fixed-width table: one column per source (summary dicts), rows attributes, overall,
     (if every summary has "other_image", the same against another image's ground truth),
-    mean words and empty captions."""
+    mean words, empty, distinct and stuttering captions."""
     if not results:
         raise ValueError("score_table needs at least one source: {name: CaptionScorer.summary()}")
     rows: list[tuple[str, list[str]]] = [
@@ -329,6 +353,8 @@ def score_table(results: dict[str, dict]) -> str:
         rows.append(("vs other image", [_cell(r["other_image"]) for r in results.values()]))
     rows.append(("mean words", [f"{r['mean_words']:.1f}" for r in results.values()]))
     rows.append(("empty", [f"{r['empty']} / {r['captions']}" for r in results.values()]))
+    rows.append(("distinct", [f"{r['distinct']} / {r['captions']}" for r in results.values()]))
+    rows.append(("stutters", [f"{r['stutters']} / {r['captions']}" for r in results.values()]))
     label_w = max(len(label) for label, _ in rows)
     col_w = max(len(c) for c in [*results, *(c for _, cells in rows for c in cells)])
     lines = [" " * label_w + "".join(f"  {name:>{col_w}}" for name in results)]

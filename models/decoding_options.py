@@ -17,7 +17,9 @@ class DecodingOptions:
 
     strategy: Literal["greedy", "sample", "beam"] = "greedy"
     max_length: int = 30
-    min_length: int = 5
+    # 2: at least one token after SOT. Not open_clip's generate default (min_seq_len=5): that forbids
+    # EOT after "SOT a red circle" (4 tokens), so short captions got a fourth word ("a brown cross brown").
+    min_length: int = 2
     temperature: float = 1.0  # sampling only; greedy and beam ignore it
     top_k: int = 0  # sampling: keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # sampling: keep the smallest head with mass >= top_p; 1.0 = off

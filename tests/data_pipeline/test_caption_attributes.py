@@ -9,11 +9,11 @@ import pytest
 
 from data_pipeline.caption_attributes import (
     ATTRIBUTES, AttributeScore, CaptionScorer, Mentions, ground_truth_facts, parse_caption,
-    score_caption, score_captions, score_table,
+    score_caption, score_captions, score_table, stutters,
 )
 from data_pipeline.toy_captions import ALT_TEXT_PHRASES, alt_text, descriptive_caption, short_caption
 from data_pipeline.toy_scenes import (
-    POSITIONS, Scene, SceneObject, WrittenText, sample_scene, scene_ground_truth,
+    POSITIONS, WORLDS, Scene, SceneObject, WrittenText, sample_scene, scene_ground_truth,
 )
 
 N_SCENES = 1000
@@ -282,8 +282,9 @@ def test_scorer_micro_averages() -> None:
     scorer.add("", gt2)                                  # colour 0 said; 1 expected
     scorer.add("a blue star", gt2)                       # colour 1 said, 1 right; 1 expected
     out = scorer.summary()
-    assert set(out) == {"captions", "mean_words", "empty", "per_attribute", "overall"}
+    assert set(out) == {"captions", "mean_words", "empty", "distinct", "stutters", "per_attribute", "overall"}
     assert out["captions"] == 3 and out["empty"] == 1 and out["mean_words"] == 10 / 3
+    assert out["distinct"] == 2 and out["stutters"] == 0
     colour = out["per_attribute"]["colour"]
     assert colour == {"precision": 2 / 3, "recall": 2 / 4, "mentioned": 3, "correct": 2,
                       "recalled": 2, "expected": 4}
@@ -305,7 +306,8 @@ def test_score_table_lists_sources_and_numbers(sources: dict) -> None:
     for name in ("gt_dsc", "gt_ssc", "alt-text"):
         assert name in lines[0]
     rows = {line.split()[0]: line for line in lines[2:]}
-    assert set(rows) >= {*ATTRIBUTES, "overall", "mean", "empty"}
+    assert set(rows) >= {*ATTRIBUTES, "overall", "mean", "empty", "distinct", "stutters"}
+    assert rows["stutters"].split()[1:4] == ["0", "/", str(sources["gt_dsc"]["captions"])]
     assert rows["colour"].count("P 1.00 / R 1.00") == 1  # gt_dsc only
     assert "P   -  / R 0.00" in rows["position"]  # SSC and alt-text never state positions
     mean = f"{sources['gt_dsc']['mean_words']:.1f}"
@@ -339,3 +341,28 @@ def test_tokenizer_decoded_text_parses_like_the_original() -> None:
     assert facts('the word " apple " is written in red .')["word"] == {"apple"}
     # Only the adjacent colour binds in "red and blue circles" (documented simplification).
     assert facts("red and blue circles")["colour_shape"] == {("blue", "circle")}
+
+
+@pytest.mark.parametrize("caption,expected", [
+    ("a medium striped striped cross", True), ("a pink star pink star", True), ("a brown cross brown", True),
+    ("A Red circle RED", True), ("a brown cross", False), ("one shape: one red circle", False),
+    ("one red circle and one red circle", False), ("the red circle is small. the red square is large.", False),
+    ("", False),
+])
+def test_stutters_flags_a_word_that_comes_back_within_two_words_of_a_clause(caption: str, expected: bool) -> None:
+    assert stutters(caption) is expected
+
+
+def test_no_ground_truth_caption_stutters_and_distinct_counts_texts() -> None:
+    rng = np.random.default_rng(7)
+    captions = []
+    for world in ("shapes", "full"):
+        for _ in range(N_SCENES):
+            scene = sample_scene(rng, world=WORLDS[world], text_probability=0.4)
+            captions += [descriptive_caption(scene, rng), short_caption(scene), alt_text(scene, rng)]
+    assert [c for c in captions if stutters(c)] == []
+    scorer = CaptionScorer()
+    for caption in ("a red circle", "A red  circle", "a blue circle", "", "a red circle red"):
+        scorer.add(caption, gt_of(obj("circle", "red")))
+    out = scorer.summary()
+    assert (out["distinct"], out["stutters"], out["empty"]) == (3, 1, 1)  # case and spacing ignored

@@ -209,6 +209,8 @@ def test_captioner_stages_with_a_fitted_tokenizer(toy_data: Path, tmp_path: Path
                                               "evaluate_captioner.samples=8", "evaluate_captioner.batch_size=4",
                                               "evaluate_captioner.decoding.max_length=12"])
     assert report["samples"] == 8 and 0.0 <= report["dsc_recall"] <= 1.0
+    assert 1 <= report["dsc_distinct"] <= 8 and 0 <= report["dsc_stutters"] <= 8
+    assert 0.0 <= report["dsc_colour_shape_recall"] <= 1.0
     out = tmp_path / "recaptioned"
     recaption = run_stage("recaption", [*common, f"recaption.input={toy_data}/train", f"recaption.output={out}",
                                         f"recaption.captioners.dsc={dsc}", "recaption.keys=[dsc]",

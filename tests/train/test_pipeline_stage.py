@@ -57,7 +57,9 @@ def test_report_from_plain_values_says_what_has_not_run(tmp_path: Path) -> None:
     steps = plan(["make-toy-data", "sample"], experiment_dir=experiment)
     (experiment / "evaluate_captioner").mkdir(parents=True)
     (experiment / "evaluate_captioner" / "summary.json").write_text(json.dumps(
-        {"samples": 4, "ssc_recall": 0.5, "ssc_precision": 0.75, "ssc_recall_other_image": 0.25}))
+        {"samples": 4, "ssc_recall": 0.5, "ssc_precision": 0.75, "ssc_recall_other_image": 0.25,
+         "ssc_colour_shape_recall": 0.125, "ssc_distinct": 3, "ssc_stutters": 1,
+         "dsc_recall": 0.5}))
     (experiment / "sample").mkdir()
     (experiment / "sample" / "grid.png").write_bytes(b"")
     (experiment / "sample" / "prompts.jsonl").write_text(json.dumps({"rewritten": "a | b"}) + "\n")
@@ -68,7 +70,8 @@ def test_report_from_plain_values_says_what_has_not_run(tmp_path: Path) -> None:
     assert f"| `make-toy-data` | ran | 1.2 | `{experiment / 'make_toy_data'}` |" in report
     assert f"| `sample` | not run |  | `{experiment / 'sample'}` |" in report
     assert f"_No recaptioned shards at `{tmp_path / 'none'}` yet" in report
-    assert "| ssc | 0.750 | 0.500 | 0.250 |" in report
+    assert "| ssc | 0.750 | 0.500 | 0.250 | 0.125 | 3 / 4 | 1 / 4 |" in report
+    assert "| dsc | nan | 0.500 | nan | nan | – | – |" in report  # an older summary's missing values
     assert "1. a \\| b" in report and "![samples](sample/grid.png)" in report
     assert "_`recap evaluate` has not run._" in report
 

@@ -66,12 +66,22 @@ def _captioner_scores(summary_path: Path) -> list[str]:
     if not summary_path.is_file():
         return ["_`recap evaluate-captioner` has not run._"]
     summary = json.loads(summary_path.read_text())
-    sources = [k[: -len("_recall")] for k in summary if k.endswith("_recall")]
-    lines = [f"Attribute precision / recall of each caption source on {summary.get('samples')} held-out images "
-             "(and recall against another image's ground truth: what a caption gets without looking):", "",
-             "| source | precision | recall | recall vs other image |", "|---|---:|---:|---:|"]
+    sources = [k[: -len("_recall")] for k in summary if k.endswith("_recall") and not k.endswith("_shape_recall")]
+    n = summary.get("samples")
+    lines = [f"Attribute precision / recall of each caption source on {n} held-out images (and recall against "
+             "another image's ground truth: what a caption gets without looking); colour-shape: recall of the "
+             "(colour, shape) pairs; distinct: different captions; stutters: captions with a word repeated "
+             "within two words (docs/captioner.md):", "",
+             "| source | precision | recall | recall vs other image | colour-shape recall | distinct | stutters |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def count(source: str, name: str) -> str:
+        return f"{summary[f'{source}_{name}']} / {n}" if f"{source}_{name}" in summary else "–"
+
     lines += [f"| {s} | {summary.get(f'{s}_precision', float('nan')):.3f} | {summary[f'{s}_recall']:.3f} | "
-              f"{summary.get(f'{s}_recall_other_image', float('nan')):.3f} |" for s in sources]
+              f"{summary.get(f'{s}_recall_other_image', float('nan')):.3f} | "
+              f"{summary.get(f'{s}_colour_shape_recall', float('nan')):.3f} | {count(s, 'distinct')} | "
+              f"{count(s, 'stutters')} |" for s in sources]
     return lines
 
 

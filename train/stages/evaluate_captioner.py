@@ -64,7 +64,10 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     log.info("caption quality on %d held-out samples (precision / recall of mentioned attributes):\n%s", seen, table)
     summary = {"samples": seen, **{f"{name}_recall": round(r["overall"]["recall"], 4) for name, r in results.items()},
                **{f"{name}_recall_other_image": round(r["other_image"]["recall"], 4) for name, r in results.items()},
-               **{f"{name}_precision": round(r["overall"]["precision"], 4) for name, r in results.items()}}
+               **{f"{name}_precision": round(r["overall"]["precision"], 4) for name, r in results.items()},
+               **{f"{name}_colour_shape_recall": round(r["per_attribute"]["colour_shape"]["recall"], 4)
+                  for name, r in results.items()},
+               **{f"{name}_{count}": r[count] for name, r in results.items() for count in ("distinct", "stutters")}}
     finish_stage(run_dir, "evaluate-captioner", summary)
     return summary
 
