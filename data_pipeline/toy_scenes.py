@@ -7,7 +7,7 @@ Because the ground truth is known exactly, captioner output can be scored attrib
 attribute. Two worlds (``WORLDS``) share the vocabulary and the renderer:
 
 - ``shapes`` (the demo's): 1-3 solid shapes of 7 (no hexagon), one per cell of a 3x3 grid, in
-  square or 4:3 images (long side 96-160 px). The main subject (the largest object) is
+  square images of 96-160 px. The main subject (the largest object) is
   unambiguous: every other object is of a smaller size class (a small main subject is alone),
   and it is listed first. Small enough for minutes of CPU training.
 - ``full``: 1-4 shapes anywhere (rejection-sampled), striped and dotted textures, seven aspect
@@ -107,7 +107,7 @@ class World:
 
 
 WORLDS: dict[str, World] = {
-    "shapes": World(max_objects=3, textures=("solid",), aspect_ratios=((1, 1), (4, 3), (3, 4)),
+    "shapes": World(max_objects=3, textures=("solid",), aspect_ratios=((1, 1),),  # square: docs/data.md
                     long_side=(96, 160), grid=True,  # no hexagon: a small one is a circle (docs/data.md)
                     shapes=("circle", "square", "triangle", "star", "heart", "diamond", "cross")),
     "full": World(max_objects=4, textures=TEXTURES, aspect_ratios=ASPECT_RATIOS, long_side=(128, 512), grid=False),

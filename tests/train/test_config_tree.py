@@ -98,7 +98,7 @@ def test_toy_experiment_is_tiny_and_local():
     assert cfg.data.toy is not None
     assert (cfg.data.train, cfg.data.heldout) == ("runs/toy/toy_data/train", "runs/toy/toy_data/heldout")
     assert (cfg.runtime.kind, cfg.launcher.kind) == ("single", "local")
-    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (1800, 4, 4)
+    assert (cfg.train_vae.steps, cfg.train_vae.global_batch_size, cfg.train_vae.micro_batch_size) == (2200, 4, 4)
     assert (cfg.train_vae.optimizer.lr, cfg.train_vae.optimizer.warmup_steps) == (5e-4, 20)
     assert cfg.train_vae.optimizer.betas == (0.9, 0.999)
     assert cfg.checkpoint.every_steps == 100
@@ -224,3 +224,12 @@ def test_check_batch_rejects_non_positive(global_batch, micro):
         check_batch(global_batch, micro)
     assert info.value.key == "global_batch_size"
     assert info.value.message == "global_batch_size and micro_batch_size must be >= 1"
+
+
+@pytest.mark.parametrize("name", ["toy", "dalle3_256", "dalle3_1024"])
+def test_decoding_lets_a_three_word_caption_end(name):
+    """EOT may follow "SOT a red circle" (4 tokens) in every decoding section: with open_clip's
+    min_seq_len=5 the toy SSC captioner had to add a fourth word ("a brown cross brown")."""
+    cfg = load_experiment([f"experiment={name}"])
+    for section in (cfg.caption, cfg.recaption, cfg.evaluate_captioner):
+        assert 1 <= section.decoding.min_length <= 4
