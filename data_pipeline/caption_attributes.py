@@ -38,8 +38,8 @@ An empty caption states nothing: it adds only to ``expected``.
 
 Two text-only measures sit beside the scores: ``distinct`` (how many different non-empty captions a
 source wrote: a captioner that ignores the image writes one) and ``stutters`` (captions where a word
-comes back within the next two words of a clause: "striped striped", "a pink star pink star", "a brown cross
-brown"; no caption of the toy world's own templates does).
+comes back within the next two words of a clause: "striped striped", "a pink star pink star",
+"a brown cross brown"; no caption of the toy world's own templates does).
 """
 
 from __future__ import annotations
