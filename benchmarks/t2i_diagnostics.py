@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from data_pipeline.latent_cache import CACHE_MEMBER, decode_entry, latents_name
 from data_pipeline.toy_scenes import COLOURS
 from models.attribute_probe import binding_accuracy, load_probe, predict, probe_targets, stack_targets
 from models.diffusion import make_scheduler, noised_and_target
@@ -77,16 +78,13 @@ def latent_noise(args: argparse.Namespace) -> None:
 
 
 def colour_words(args: argparse.Namespace) -> None:
-    from safetensors.torch import load
-
     from models.pipeline import RecapPipeline
 
     pipe = RecapPipeline.from_pretrained(args.pipeline)
-    truth = {json.loads(s["json"])["key"]: json.loads(s["json"])["gt_dsc"] for s in members(args.scenes).values()}
+    truth = {key: json.loads(s["json"])["gt_dsc"] for key, s in members(args.scenes).items()}
     latents, captions = [], []
     for key, sample in sorted(members(args.cache).items()):
-        tensors = load(sample["cache.safetensors"])
-        z = tensors.get(f"latents@{args.size}")
+        z = decode_entry(sample[CACHE_MEMBER]).get(latents_name(args.size))
         if z is not None and z.shape[1] == z.shape[2] and key in truth:
             latents.append(z.float())
             captions.append(truth[key])

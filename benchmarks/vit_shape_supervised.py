@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from data_pipeline.toy_captions import main_subject
 from data_pipeline.toy_scenes import COLOURS, WORLDS, render_scene, sample_scene
-from models.attribute_probe import main_object
 from models.captioner import build_captioner, image_transform
 
 ASPECTS = {"mixed": ((1, 1), (4, 3), (3, 4)), "square": ((1, 1),)}
@@ -38,10 +38,10 @@ def scenes(world, transform, count: int, seed: int) -> tuple[torch.Tensor, torch
     images, shapes, colours = [], [], []
     for _ in range(count):
         scene = sample_scene(rng, world=world, text_probability=0.0)
-        main = main_object([{"shape": o.shape, "colour": o.colour, "box": list(o.box)} for o in scene.objects])
+        main = main_subject(scene)
         images.append(transform(render_scene(scene)))
-        shapes.append(world.shapes.index(main["shape"]))
-        colours.append(list(COLOURS).index(main["colour"]))
+        shapes.append(world.shapes.index(main.shape))
+        colours.append(list(COLOURS).index(main.colour))
     return torch.stack(images), torch.tensor(shapes), torch.tensor(colours)
 
 
@@ -49,8 +49,8 @@ def train(aspects: str, args: argparse.Namespace) -> list[tuple[int, float, floa
     torch.manual_seed(0)
     architecture = OmegaConf.to_container(OmegaConf.load(TOWER)["architecture"])
     architecture["vision_cfg"]["patch_size"] = args.patch
-    tower = build_captioner("coca_toy", architecture).visual
-    transform = image_transform(build_captioner("coca_toy", architecture))
+    coca = build_captioner("coca_toy", architecture)
+    tower, transform = coca.visual, image_transform(coca)
     world = dataclasses.replace(WORLDS["shapes"], aspect_ratios=ASPECTS[aspects])
     n_shapes = len(world.shapes)
     x, y_shape, y_colour = scenes(world, transform, args.train_scenes, seed=1)
