@@ -262,7 +262,7 @@ def test_a_cache_without_the_conditioning_file_or_with_other_prompts_is_refused_
     """The refusal (exit 2, one line) names the fix; rerunning `recap cache` skips the done shards
     and writes only the file; another text encoder into the same output is refused."""
     from train.config.loading import load_experiment
-    from train.stages import train_t2i
+    from train.commands.prechecks import PRECHECKS
 
     _run("cache", _overrides(tmp_path, inputs))
     conditioning = tmp_path / "cache" / latent_cache.CONDITIONING_FILE
@@ -279,7 +279,7 @@ def test_a_cache_without_the_conditioning_file_or_with_other_prompts_is_refused_
     rerun = _run("cache", _overrides(tmp_path, inputs))
     assert (rerun["shards_already_done"], rerun["shards_written"]) == (2, 0) and conditioning.is_file()
     assert {p: (tmp_path / "cache" / p).stat().st_mtime_ns for p in shards} == shards
-    train_t2i.check(load_experiment(train[1:]))  # accepted now
+    PRECHECKS["train-t2i"](load_experiment(train[1:]))  # accepted now
 
     other = run_recap([*train, "train_t2i.sampling.prompts=[a green cross]"])
     assert other.returncode == 2 and "Traceback" not in other.stderr
@@ -288,8 +288,8 @@ def test_a_cache_without_the_conditioning_file_or_with_other_prompts_is_refused_
     assert other.stderr.strip().endswith("not of train_t2i.sampling.prompts ['a green cross']; rerun `recap cache` "
                                          "with this config (done shards are skipped; it writes only that file)")
     _run("cache", _overrides(tmp_path, inputs, "train_t2i.sampling.prompts=[a green cross]"))
-    train_t2i.check(load_experiment([*train[1:], "train_t2i.sampling.prompts=[a green cross]"]))
-    train_t2i.check(load_experiment([*train[1:], "train_t2i.sampling.prompts=[]"]))  # no grids: any prompts
+    PRECHECKS["train-t2i"](load_experiment([*train[1:], "train_t2i.sampling.prompts=[a green cross]"]))
+    PRECHECKS["train-t2i"](load_experiment([*train[1:], "train_t2i.sampling.prompts=[]"]))  # no grids: any prompts
 
     seed = run_recap(["cache", *_overrides(tmp_path, inputs, "train_t2i.sampling.prompts=[a green cross]", "seed=5")])
     assert seed.returncode == 2 and "Traceback" not in seed.stderr

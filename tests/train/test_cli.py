@@ -385,3 +385,40 @@ def test_a_folder_of_the_run_directory_that_refuses_files_stops_the_stage_before
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # no logs, config.yaml, metrics
     if how == "chmod":
         (run_dir / folder).chmod(0o755)
+
+
+# Each precheck refused here on its first check, so by then it imported all it needs.
+_REFUSED_PRECHECKS = {
+    "recaption": (["recaption.input=/nonexistent/shards"], "recaption.input"),
+    "cache": (["cache.input=/nonexistent/shards"], "cache.input"),
+    "train-t2i": (["train_t2i.cache=/nonexistent/cache"], "train_t2i.cache"),
+}
+_PRECHECK_SCRIPT = """
+import json, sys
+from train.commands.prechecks import PRECHECKS
+from train.config.loading import load_experiment
+from train.config.typed import ConfigError
+stage, overrides = sys.argv[1], sys.argv[2:]
+try:
+    PRECHECKS[stage](load_experiment(overrides))
+    refused = None
+except ConfigError as exc:
+    refused = exc.key
+libraries = ("diffusers", "open_clip", "transformers", "deepspeed", "accelerate")
+print(json.dumps({"refused": refused, "loaded": [m for m in libraries if m in sys.modules]}))
+"""
+
+
+def test_prechecks_are_the_stage_tables_and_import_no_model_library(tmp_path: Path) -> None:
+    """The launching process runs a stage's precheck before torchrun starts the workers: it loads
+    no model library (diffusers alone is ~3 s per launch on a CPU) and still refuses bad input."""
+    import json
+
+    from train.commands.prechecks import PRECHECKS
+
+    assert set(PRECHECKS) == {name for name, stage in STAGES.items() if stage.precheck} == set(_REFUSED_PRECHECKS)
+    for stage, (overrides, key) in _REFUSED_PRECHECKS.items():
+        done = subprocess.run([sys.executable, "-c", _PRECHECK_SCRIPT, stage, f"run.root={tmp_path}", *overrides],
+                              cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {"refused": key, "loaded": []}, stage

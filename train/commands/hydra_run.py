@@ -237,6 +237,7 @@ def _check_run_dir(run: RunConfig, stage: str, overrides: list[str], multirun: b
 
 def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]:
     """(overrides, flags, config of the first point) after every check that runs before a launch."""
+    from train.commands.prechecks import PRECHECKS
     from train.config.loading import check_overrides, sweep_keys
 
     overrides, flags = split_args(rest)
@@ -248,5 +249,5 @@ def checked_args(name: str, rest: list[str]) -> tuple[list[str], list[str], Any]
     _check_run_dir(experiment.run, name, overrides, bool(MULTIRUN_FLAGS & set(flags)))
     _check_batch_for_world(STAGES[name], experiment)
     if STAGES[name].precheck and not inside_launch() and not swept:  # sweep points check themselves
-        importlib.import_module(STAGES[name].module).check(experiment)
+        PRECHECKS[name](experiment)
     return overrides, flags, experiment

@@ -1,8 +1,9 @@
 """The `recap` stages: name -> module, summary, what is checked before a launch.
 
 The table is the CLI's dispatch, nothing more: each module under train/stages/ has
-`run(cfg, run_dir)` (and, where `precheck`, `check(cfg)`); it is imported lazily so that
-`recap --help` stays fast. `ls train/stages` reads like `recap --help`.
+`run(cfg, run_dir)`; it is imported lazily so that `recap --help` stays fast. What a `precheck`
+stage checks before a launch is in train/commands/prechecks.py (no model library imported).
+`ls train/stages` reads like `recap --help`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ class Stage:
     module: str  # imported lazily: `recap --help` stays fast
     summary: str
     batch_section: str | None = None  # config section with global/micro batch sizes, checked before launch
-    precheck: bool = False  # the module's `check(cfg)` validates arguments before launch (exit 2)
+    precheck: bool = False  # train/commands/prechecks.py validates its arguments before launch (exit 2)
     wandb: bool = False  # logs to wandb (logger.wandb): mode=online is checked before the stage runs
     shard_job: bool = False  # each process locks its slot of the run and output directories (run_lock.py)
     # Splits its work over the processes a launcher starts (ranks). The others run in one process

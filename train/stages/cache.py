@@ -35,26 +35,12 @@ from train.config.experiment import ExperimentConfig
 from train.config.models import TextEncoderConfig
 from train.config.t2i import CacheConfig, TrainT2IConfig
 from train.runtime.placement import inference_placement
-from train.runtime.shard_jobs import (ShardJob, check_rank, expected_samples, list_inputs,
-                                      refuse_output_holding_inputs, start_job)
+from train.runtime.shard_jobs import ShardJob, expected_samples, start_job
 from train.t2i.cached_conditioning import conditioning_about, write_conditioning
+from train.t2i.checks import check_cache_job
 from train.t2i.parts import load_frozen
-from train.config.typed import ConfigError
 
 log = logging.getLogger("recap.cache")
-KEYS = ("dsc", "ssc", "txt")
-
-
-def check(cfg: ExperimentConfig) -> list[str]:
-    """Validate before any work starts (exit code 2); returns the input shard URLs."""
-    c = cfg.cache
-    urls = list_inputs("cache", c.input, hint="Run `recap recaption` first")
-    refuse_output_holding_inputs("cache", urls, c.output)
-    unknown = [k for k in c.keys if k not in KEYS]
-    if unknown or not c.keys:
-        raise ConfigError("cache.keys", f"unknown caption key(s) {unknown}; choose among {', '.join(KEYS)}")
-    check_rank("cache", c.rank, c.world_size)
-    return urls
 
 
 class _Fit:
@@ -152,7 +138,7 @@ def _conditioning(cfg: ExperimentConfig, features: _Features, device: torch.devi
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """Cache this process's share of the input shards; returns its summary."""
-    urls = check(cfg)
+    urls = check_cache_job(cfg.cache)
     c = cfg.cache
     job = start_job("cache", c.rank, c.world_size, stats_suffix=latent_cache.STATS_SUFFIX)
     with job.running(run_dir, Path(c.output)):  # locked; SIGTERM/SIGUSR1: stop before the next batch, exit 75

@@ -32,10 +32,10 @@ from train.outputs.run_logging import config_snapshot
 from train.runtime.environment import launched_world_size
 from train.runtime.processes import Runtime, seed_everything, start_runtime
 from train.t2i.batches import (
-    batches_summary, bucketed_batches, check_cache, check_latent_grid, enter_stage, mix_report, resolution_plan,
+    batches_summary, bucketed_batches, check_latent_grid, enter_stage, mix_report, resolution_plan,
     stage_transforms,
 )
-from train.t2i.cached_conditioning import CachedEncoders, load_cached, read_conditioning
+from train.t2i.cached_conditioning import CachedEncoders, load_cached
 from train.t2i.export import export_raw_weights, export_trained, sample_grid, trained_weights
 from train.t2i.objective import Objective
 from train.t2i.parts import FrozenEncoders, build_denoiser, load_frozen
@@ -56,20 +56,9 @@ RESUME_IGNORE = ("train_t2i.sampling", "train_t2i.nan_policy", "train_t2i.max_co
                  "train_t2i.channels_last", "train_t2i.compile_unet", *READER_TUNING_KEYS)
 
 
-def check(cfg: ExperimentConfig) -> None:
-    """Before launch: the stages and their batches split over the processes the launcher starts,
-    and a cache (when given) that holds every stage's resolution, every caption key drawn, the
-    empty caption's states and those of the sampling prompts."""
-    launcher, t = cfg.launcher, cfg.train_t2i
-    resolution_plan(t, launcher.nproc_per_node * launcher.nnodes)  # launcher=local: 1 (LauncherConfig.validate)
-    if t.cache is not None:
-        check_cache(t.cache, [s.resolution for s in t.stages], cfg.caption_mix.weights)
-        read_conditioning(t.cache, t.sampling.prompts)
-
-
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """Train (resuming from run_dir/checkpoints if present), sample, export the pipeline; `check`
-    validated the stages and the cache before launch."""
+    """Train (resuming from run_dir/checkpoints if present), sample, export the pipeline;
+    train/t2i/checks.py validated the stages and the cache before launch."""
     t = cfg.train_t2i
     plan = resolution_plan(t, launched_world_size())  # stages, their lrs and gradient accumulation
     rt = start_runtime(cfg.runtime, micro_batch_size=plan[0].stage.micro_batch_size, grad_accum=plan[0].accum,

@@ -1,15 +1,13 @@
 """train-t2i's data side: the resolution plan, the caption mix, each stage's worker transform,
-the bucketed batches and what they report, and the check of a latent cache. Typed config
-sections in, data_pipeline objects out (the flow of one sample: docs/train_t2i.md).
+and the bucketed batches and what they report (a cache is checked in train/t2i/checks.py). Typed
+config sections in, data_pipeline objects out (the flow of one sample: docs/train_t2i.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,29 +159,3 @@ def batches_summary(rt: Runtime, batches: BucketedBatches) -> dict[str, Any]:
             "moved_to_neighbour_bucket": batches.queues.moved,
             # samples read that had no caption of any mixed key (all ranks): not trained on
             "samples_without_caption": sum(rt.gather_objects(batches.mix.dropped))}
-
-
-def check_cache(cache: str, resolutions: Iterable[int], weights: Mapping[str, float]) -> None:
-    """ConfigError unless the cache at ``cache`` holds every stage resolution and every caption
-    key drawn with a weight > 0 (local shards: from the first shard's stats; remote: later,
-    sample by sample)."""
-    from data_pipeline import recaption as shard_jobs
-    from data_pipeline.latent_cache import STATS_SUFFIX
-    from data_pipeline.shard_io import is_local, list_shards
-
-    try:
-        urls = list_shards(cache)
-    except NoShardsError as exc:
-        raise ConfigError("train_t2i.cache", f"{exc}; run `recap cache` first") from None
-    local = [Path(u) for u in urls if is_local(u)]
-    stats = shard_jobs.read_stats(local[0], STATS_SUFFIX) if local else None
-    if local and stats is None:
-        raise ConfigError("train_t2i.cache", f"{local[0]} is not a complete cache shard; run `recap cache` to finish it")
-    if stats is None:  # remote shards: checked sample by sample
-        return
-    missing = sorted(set(resolutions) - set(stats["resolutions"]))
-    keys = [k for k, w in weights.items() if w > 0 and k not in stats["keys"]]
-    if missing or keys:
-        raise ConfigError("train_t2i.cache", f"the cache holds resolutions {stats['resolutions']} and caption keys "
-                          f"{stats['keys']}; this run also needs {missing or ''}{' ' if missing and keys else ''}"
-                          f"{keys or ''}. Rerun `recap cache` with this config")

@@ -26,16 +26,16 @@ from typing import Any
 
 import torch
 
-from data_pipeline.latent_cache import CONDITIONING_FILE, conditioning_url, decode_conditioning, encode_conditioning
-from data_pipeline.shard_io import NoShardsError, is_local, list_shards, open_shard, write_bytes_atomic
+from data_pipeline.latent_cache import CONDITIONING_FILE, decode_conditioning, encode_conditioning
+from data_pipeline.shard_io import write_bytes_atomic
 from models.denoiser import CaptionConditionedUNet
 from models.pipeline import RecapPipeline, tokenize_prompts
 from train.config.models import TextEncoderConfig
 from train.config.typed import ConfigError
+from train.t2i.checks import read_conditioning
 from train.t2i.parts import FrozenEncoders, load_vae_config, load_vae_decoder
 
 log = logging.getLogger("recap")
-_RERUN = "rerun `recap cache` with this config (done shards are skipped; it writes only that file)"
 
 
 def prompt_states(frozen: FrozenEncoders, prompts: Sequence[str],
@@ -88,27 +88,6 @@ def write_conditioning(folder: Path, frozen: FrozenEncoders, about: dict[str, An
                               f"encoder is {_encoder_of(about)}: write the cache to a new cache.output")
     write_bytes_atomic(path, encode_conditioning(conditioning_tensors(frozen, about["prompts"], device), about))
     return True
-
-
-def read_conditioning(cache: str, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The conditioning file of the cache at ``cache`` (train_t2i.cache), on the CPU. ConfigError
-    when it is missing or holds the states of sampling prompts other than ``prompts`` (when any)."""
-    try:
-        url = conditioning_url(list_shards(cache)[0])
-    except NoShardsError as exc:
-        raise ConfigError("train_t2i.cache", f"{exc}; run `recap cache` first") from None
-    where = url if is_local(url) else CONDITIONING_FILE  # a remote URL may carry credentials
-    try:
-        with open_shard(url) as f:
-            tensors, about = decode_conditioning(f.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("train_t2i.cache", f"no readable {where} ({exc.__class__.__name__}): a cache written "
-                          "before `recap cache` stored the empty caption's and the sampling prompts' T5 states; "
-                          f"{_RERUN}") from None
-    if prompts and list(prompts) != about["prompts"]:
-        raise ConfigError("train_t2i.cache", f"{where} holds the T5 states of sampling prompts {about['prompts']}, not "
-                          f"of train_t2i.sampling.prompts {list(prompts)}; {_RERUN}")
-    return tensors
 
 
 class _StatesPipeline(RecapPipeline):
