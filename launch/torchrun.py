@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 
 TORCHRUN_ENV_MARKER = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
+# torch.distributed.run's main, ending a failed job in one line instead of a traceback
+TORCHRUN_MODULE = "train.runtime.torchrun_main"
 # torchrun passes these on to each worker's process group (its default lacks SIGUSR1, which
 # Slurm's --signal sends before the time limit; without it torchrun would die of SIGUSR1).
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -48,7 +50,7 @@ def torchrun_command(
         shutdown_timeout_s: after passing SIGTERM/SIGUSR1 on to the workers, how long torchrun
             waits for them (a preempted run saves a checkpoint first) before SIGKILL.
     """
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
+    cmd = [python, "-m", TORCHRUN_MODULE, f"--nproc-per-node={nproc_per_node}",
            f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={shutdown_timeout_s}"]
     if nnodes == 1:
         cmd.append("--standalone")

@@ -144,6 +144,7 @@ def test_sigusr1_to_one_ranks_process_group_checkpoints_every_rank_and_exits_75(
     killed = run_recap(args(tmp_path), env={"RECAP_FAULT": "sigusr1@step=2,rank=1,group=1"})
     assert killed.returncode == EXIT_REQUEUE, killed.stderr[-3000:]
     assert "preempted by SIGUSR1 at step 2" in killed.stderr and "killed by signal" not in killed.stderr, killed.stderr[-6000:]
+    assert "Traceback" not in killed.stderr and "torchrun: " in killed.stderr, killed.stderr[-6000:]  # one line
     # Only rank 1 itself reacted: its DataLoader workers ignored the signal (a worker that ran the
     # rank's handler would log it too; one that kept the default action would die of it).
     (rank1_log,) = (_run_dir(tmp_path) / "logs").glob("*.rank1.log")

@@ -11,14 +11,14 @@ from launch.torchrun import TORCHRUN_ENV_MARKER, inside_torchrun, torchrun_comma
 
 def test_single_node_is_standalone():
     cmd = torchrun_command(["train-vae", "runtime=ddp", "-m", "seed=1,2"], nproc_per_node=2, python="/py")
-    assert cmd == ["/py", "-m", "torch.distributed.run", "--nproc-per-node=2",
+    assert cmd == ["/py", "-m", "train.runtime.torchrun_main", "--nproc-per-node=2",
                    "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120", "--standalone",
                    "-m", "train.cli", "train-vae", "runtime=ddp", "-m", "seed=1,2"]
 
 
 def test_default_python_is_this_interpreter():
     cmd = torchrun_command(["make-toy-data"], nproc_per_node=1)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "train.runtime.torchrun_main"]
     assert cmd[-3:] == ["-m", "train.cli", "make-toy-data"]
 
 
@@ -27,7 +27,7 @@ def test_multi_node_uses_c10d_rendezvous_with_join_timeout():
                            rdzv_endpoint="10.0.0.1:29400", rdzv_timeout_s=120, run_id="job42", shutdown_timeout_s=80,
                            python="/py")
     assert cmd == [
-        "/py", "-m", "torch.distributed.run", "--nproc-per-node=8",
+        "/py", "-m", "train.runtime.torchrun_main", "--nproc-per-node=8",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=80",
         "--nnodes=4", "--node-rank=3", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
         "--rdzv-id=job42", "--rdzv-conf=join_timeout=120",
@@ -66,7 +66,7 @@ def test_launch_dry_run_prints_the_torchrun_command_with_its_rendezvous_id(capsy
             "train_vae.global_batch_size=16", "train_vae.micro_batch_size=4"]
     assert main(["launch", *args, "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        sys.executable, "-m", "train.runtime.torchrun_main", "--nproc-per-node=2",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=80",
         "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
         "--rdzv-id=job7", "--rdzv-conf=join_timeout=300", "-m", "train.cli", *args,
