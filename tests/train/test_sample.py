@@ -262,3 +262,29 @@ def test_sample_stage_rewrites_prompts_and_keeps_the_key_out_of_files(trained: P
     assert summary["rewritten"] == 1 and server.requests[0]["auth"] == "Bearer sk-secret-987654"
     written = "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".png")
     assert "sk-secret-987654" not in written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sampler_loads_in_its_dtype_without_diffusers_cast_warning(trained: Path, dtype: torch.dtype) -> None:
+    """Loaded in the dtype (not cast after loading), so diffusers does not warn, on every load,
+    that modules "should be kept in float32: []"."""
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logging.getLogger("diffusers").addHandler(records)  # diffusers' loggers do not reach the root
+    try:
+        for weights in ("ema", "raw"):
+            pipe = load_sampler(_options(trained, weights=weights), torch.device("cpu"), dtype)
+            assert {n: getattr(pipe, n).dtype for n in ("unet", "vae", "text_encoder", "caption_transformer")} == {
+                n: dtype for n in ("unet", "vae", "text_encoder", "caption_transformer")}
+    finally:
+        logging.getLogger("diffusers").removeHandler(records)
+    assert [m for m in records.messages if "kept in float32" in m] == []

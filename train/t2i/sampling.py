@@ -45,12 +45,13 @@ def load_sampler(options: SamplerConfig, device: torch.device, dtype: torch.dtyp
     if not (folder / "model_index.json").is_file():
         raise ConfigError(f"{key}.pipeline", f"{folder} is not an exported pipeline (no model_index.json); run "
                           "`recap train-t2i` first or point it at train-t2i's <run>/pipeline folder")
-    pipe = RecapPipeline.from_pretrained(str(folder))
+    # loaded in ``dtype``: diffusers warns on every `.to(dtype)` (about modules to keep in float32)
+    pipe = RecapPipeline.from_pretrained(str(folder), dtype=dtype)
     if options.weights == "raw":
         raw = Path(options.raw_weights or "")
         if (raw / "unet").is_dir():
-            pipe.unet = UNet2DConditionModel.from_pretrained(str(raw / "unet"))
-            pipe.caption_transformer = CaptionTransformer.from_pretrained(str(raw / "caption_transformer"))
+            pipe.unet = UNet2DConditionModel.from_pretrained(str(raw / "unet"), dtype=dtype)
+            pipe.caption_transformer = CaptionTransformer.from_pretrained(str(raw / "caption_transformer"), dtype=dtype)
         elif not (raw / RAW_IS_EXPORT).is_file():
             raise ConfigError(f"{key}.raw_weights", f"{raw} holds no unet/ folder; train-t2i writes it next to "
                               "pipeline/ when it trains with EMA")
@@ -61,7 +62,7 @@ def load_sampler(options: SamplerConfig, device: torch.device, dtype: torch.dtyp
             pipe.check_size(*size)
         except ValueError as exc:
             raise ConfigError(size_key, str(exc)) from None
-    pipe.to(device, dtype)
+    pipe.to(device)
     return pipe
 
 
