@@ -48,9 +48,9 @@ def test_pyproject_declares_exactly_these_packages():
 
 
 def test_console_script_declared_and_installed():
-    assert _pyproject()["project"]["scripts"] == {"recap": "train.cli:main"}
+    assert _pyproject()["project"]["scripts"] == {"recap": "train.cli:console"}
     scripts = [ep for ep in metadata.entry_points(group="console_scripts", name="recap")]
-    assert [(ep.value, ep.dist.name if ep.dist else None) for ep in scripts] == [("train.cli:main", DIST)]
+    assert [(ep.value, ep.dist.name if ep.dist else None) for ep in scripts] == [("train.cli:console", DIST)]
     assert callable(scripts[0].load())
 
 

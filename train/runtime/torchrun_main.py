@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from launch.quick_exit import exit_now
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
@@ -34,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # without the interpreter teardown, as the workers (launch/quick_exit.py)
