@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn, TextIO
 
-from launch.quick_exit import exit_now
+from launch.quick_process import defer_gc, exit_now
 from train.commands.exit_codes import EXIT_USAGE, fail
 from train.commands.hydra_run import MULTIRUN_FLAGS, check_wandb_before_launch, checked_args, run_hydra
 from train.commands.launching import launch, launcher_command
@@ -111,8 +111,10 @@ def _main_recording_exit() -> int:
 
 def console() -> NoReturn:
     """The `recap` console script and `python -m train.cli` (what torchrun runs in each process):
-    main(), its exit code recorded for a supervising parent, then an exit that skips Python's
-    interpreter teardown (~1.4 s per process with torch loaded; launch/quick_exit.py)."""
+    main(), its exit code recorded for a supervising parent, with the garbage collector off until
+    the stage's imports are done (train/commands/hydra_run.py resumes it) and an exit that skips
+    Python's interpreter teardown (launch/quick_process.py)."""
+    defer_gc()
     exit_now(_main_recording_exit())
 
 

@@ -145,6 +145,7 @@ def check_wandb_before_launch(name: str, experiment: Any) -> None:
 def _run_stage(name: str, experiment: Any, run_dir: Path) -> None:
     """Run stage ``name`` in ``run_dir``, holding the directory's lock (one job at a time; shard
     jobs lock their rank's slot themselves, train/runtime/run_lock.py) and with wandb checked."""
+    from launch.quick_process import resume_gc
     from train.outputs.writable import check_run_dir
     from train.runtime.environment import global_rank
     from train.runtime.run_lock import locked
@@ -155,7 +156,9 @@ def _run_stage(name: str, experiment: Any, run_dir: Path) -> None:
     with lock:
         if STAGES[name].wandb and rank == 0:
             experiment = _with_checked_wandb(name, experiment, run_dir)
-        importlib.import_module(STAGES[name].module).run(experiment, run_dir)
+        stage = importlib.import_module(STAGES[name].module)
+        resume_gc()  # the libraries are imported: collect again (launch/quick_process.py)
+        stage.run(experiment, run_dir)
 
 
 def run_hydra(name: str, overrides: list[str], flags: list[str], point_prefix: Sequence[str] = ()) -> int:

@@ -12,10 +12,12 @@ here the traceback becomes one line naming each failed rank and its exit code.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from launch.quick_exit import exit_now
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main as torchrun_main
+from launch.quick_process import defer_gc, exit_now, resume_gc
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 EXIT_FAILED = 1  # torchrun's own status when a worker fails
 
@@ -26,6 +28,11 @@ def failed_ranks(exc: ChildFailedError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    defer_gc()  # torch imports faster without the collector (launch/quick_process.py)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    resume_gc()
     try:
         torchrun_main(argv)
     except ChildFailedError as exc:
@@ -35,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_now(main())  # without the interpreter teardown, as the workers (launch/quick_exit.py)
+    exit_now(main())  # without the interpreter teardown, as the workers (launch/quick_process.py)
