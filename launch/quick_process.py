@@ -7,9 +7,9 @@ stage's imports, moves everything that exists then into the permanent generation
 again: the training loop's collections stay cheap too) and switches it back on.
 
 End: the same objects make the interpreter's teardown slow; py-spy shows it in the final garbage
-collection. Measured on a 2-core machine (train-vae, 3 runs each): launcher=local 8.4 -> 6.2 s
-wall (CPU 8.6 -> 6.5 s), torchrun with 2 processes 15.5 -> 12.3 s (CPU 24.2 -> 18.7 s); the test
-suite starts hundreds of such processes. None of that teardown is work of ours, so `exit_now`
+collection. Measured on a 2-core machine, a 2-step train-vae, median of 3 runs: launcher=local
+8.4 s, 6.3 s with `exit_now`, 5.2 s with `defer_gc` too; torchrun with 2 processes 15.6, 12.3 and
+9.4 s. The test suite starts hundreds of such processes. None of that teardown is work of ours, so `exit_now`
 does what must happen at exit and then ends the process with os._exit: it waits for non-daemon
 threads (as Python's own exit does first), runs the exit handlers (logging's flush and close,
 wandb's finish, multiprocessing's and tempfile's cleanup), flushes stdout and stderr, and exits
