@@ -4,7 +4,8 @@ Start: importing torch, diffusers, open_clip and DeepSpeed creates millions of o
 collector traverses them again and again while they load (gc.disable around those imports: 4.0
 instead of 5.4 s here). `defer_gc` switches it off at the process's start; `resume_gc`, after the
 stage's imports, moves everything that exists then into the permanent generation (never traversed
-again: the training loop's collections stay cheap too) and switches it back on.
+again: the training loop's collections stay cheap too) and switches it back on. A process that
+never runs a stage (a launcher's supervisor, a sweep's driver) keeps it off: it only waits.
 
 End: the same objects make the interpreter's teardown slow; py-spy shows it in the final garbage
 collection. Measured on a 2-core machine, a 2-step train-vae, median of 3 runs: launcher=local
