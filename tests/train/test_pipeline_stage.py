@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import run_recap
 from train.config.typed import ConfigError
 from train.outputs.markdown import cell
-from train.outputs.pipeline_report import write_report
+from train.outputs.pipeline_report import refresh_sweep_section, write_report
 from train.stages.pipeline import plan
 
 STAGES = ["make-toy-data", "finetune-captioner style=ssc", "cache", "train-t2i", "sample", "train-eval-clip", "evaluate"]
@@ -74,6 +74,41 @@ def test_report_from_plain_values_says_what_has_not_run(tmp_path: Path) -> None:
     assert "| dsc | nan | 0.500 | nan | nan | – | – |" in report  # an older summary's missing values
     assert "1. a \\| b" in report and "![samples](sample/grid.png)" in report
     assert "_`recap evaluate` has not run._" in report
+    assert report.endswith("## Caption-mix sweep\n\n_No sweep yet: `make sweep` (`recap pipeline -m caption_mix.dsc=...`, "
+                           "then `recap sweep-report`)._\n")
+
+
+SWEEP_MD = "# Sweep over caption_mix.dsc (runs/toy/sweeps/pipeline)\n\n| caption_mix.dsc | n |\n|---:|---:|\n| {} | 2 |\n\n" \
+           "![sweep](sweep.png)\n\n![each value's first point](grid.png)\n"
+
+
+def test_the_experiments_report_ends_with_its_sweep_and_sweep_report_rewrites_that_section(tmp_path: Path) -> None:
+    experiment = tmp_path / "toy"
+    (experiment / "sweep_report").mkdir(parents=True)
+    (experiment / "sweep_report" / "sweep.md").write_text(SWEEP_MD.format(0.5))
+    steps = plan(["make-toy-data"], experiment_dir=experiment)
+    args = dict(run_name="toy", experiment_dir=experiment, recaptioned=str(tmp_path / "none"), examples=0)
+    report = write_report(steps, {}, experiment, **args).read_text()
+    section = report[report.index("## Caption-mix sweep\n"):]
+    assert section == ("## Caption-mix sweep\n\nSweep over caption_mix.dsc (runs/toy/sweeps/pipeline), from `recap "
+                       "sweep-report` (`sweep_report/sweep.md`):\n\n| caption_mix.dsc | n |\n|---:|---:|\n| 0.5 | 2 |\n\n"
+                       "![sweep](sweep_report/sweep.png)\n\n![each value's first point](sweep_report/grid.png)\n")
+    before = report[: report.index("## Caption-mix sweep\n")]
+    (experiment / "sweep_report" / "sweep.md").write_text(SWEEP_MD.format(0.95))  # a later sweep-report
+    assert refresh_sweep_section(experiment) == experiment / "report.md"
+    refreshed = (experiment / "report.md").read_text()
+    assert refreshed == before + section.replace("| 0.5 | 2 |", "| 0.95 | 2 |")  # only the sweep section changed
+    point = experiment / "sweeps" / "pipeline" / "0"  # a sweep point's own report: no sweep section
+    assert "## Caption-mix sweep" not in write_report(steps, {}, point, **args).read_text()
+
+
+def test_refreshing_the_sweep_section_appends_it_to_an_older_report_and_writes_no_new_one(tmp_path: Path) -> None:
+    assert refresh_sweep_section(tmp_path) is None and not (tmp_path / "report.md").exists()
+    (tmp_path / "report.md").write_text("# toy: the recipe end to end\n\n## Evaluation\n\nx\n")  # written before it had one
+    refresh_sweep_section(tmp_path)
+    assert (tmp_path / "report.md").read_text() == ("# toy: the recipe end to end\n\n## Evaluation\n\nx\n\n"
+                                                    "## Caption-mix sweep\n\n_No sweep yet: `make sweep` (`recap "
+                                                    "pipeline -m caption_mix.dsc=...`, then `recap sweep-report`)._\n")
 
 
 @pytest.mark.slow

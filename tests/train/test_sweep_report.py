@@ -79,10 +79,16 @@ def test_stage_lists_metrics_equal_at_every_point_under_the_table(tmp_path: Path
 
 def test_stage_writes_table_json_and_plot(tmp_path: Path) -> None:
     sweep = _sweep(tmp_path, missing=3)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "report.md").write_text("# toy: the recipe end to end\n")  # the pipeline's, written before
     summary = run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={sweep}",
                                          "logger.wandb.mode=disabled"])
     out = tmp_path / "toy" / "sweep_report"
     assert summary["points"] == 3 and summary["missing"] == ["3"]
+    report = (tmp_path / "toy" / "report.md").read_text()  # the experiment's report now ends with the sweep
+    assert summary["report"] == str(tmp_path / "toy" / "report.md")
+    assert report.startswith("# toy: the recipe end to end\n\n## Caption-mix sweep\n\nSweep over caption_mix.dsc")
+    assert "| 0.95 | 1 | 0.8 | 70.5 | 61 |\n" in report and "![sweep](sweep_report/sweep.png)" in report
     assert summary["grid"] is None  # the toy's sample prompts, but these points exported no pipeline
     data = json.loads((out / "sweep.json").read_text())
     assert [p["clip_score_dsc"] for p in data["points"]] == [55.25, 66.0, 70.5]
@@ -119,3 +125,4 @@ def test_no_prompts_no_grid(tmp_path: Path) -> None:
     summary = run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={_sweep(tmp_path)}",
                                          "sweep_report.prompts=[]", "logger.wandb.mode=disabled"])
     assert summary["grid"] is None and not (tmp_path / "toy" / "sweep_report" / "grid.png").exists()
+    assert summary["report"] is None and not (tmp_path / "toy" / "report.md").exists()  # no pipeline report to add to

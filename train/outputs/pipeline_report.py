@@ -3,14 +3,18 @@
 Sections: the stages with their status and time; caption examples (the same images with their
 alt-text, SSC and DSC, from recaption's output shards); the captioners' attribute scores
 (evaluate-captioner); the sample grids (train-t2i's last training grid, `recap sample`'s grid);
-the evaluation tables (`recap evaluate`'s evaluation.md). A section whose stage has not run says
-so. Image links are relative, so the report can be opened in place or copied with its folder.
+the evaluation tables (`recap evaluate`'s evaluation.md); in the experiment's report (not a sweep
+point's), last, the caption-mix sweep (`recap sweep-report`'s table, plot and same-noise grid), which
+`recap sweep-report` rewrites when it runs after the pipeline (`make sweep`). A section whose stage has
+not run says so. Image links are relative, so the report can be opened in place or copied with its
+folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,10 @@ from data_pipeline.shard_io import decode_text, image_member, iter_raw_samples, 
 from train.outputs.markdown import cell
 
 CAPTION_KEYS = (("alt-text", "txt"), ("SSC", "ssc.txt"), ("DSC", "dsc.txt"))
+REPORT_FILE = "report.md"
+SWEEP_DIR = "sweep_report"  # `recap sweep-report`'s run directory under the experiment's
+SWEEP_HEADING = "## Caption-mix sweep"  # the report's last section
+_RELATIVE_LINK = re.compile(r"\]\((?![a-z]+:|/)([^)]+)\)")  # ](target) with a relative target
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -105,6 +113,34 @@ def _evaluation(experiment: Path) -> list[str]:
     return [table.read_text().strip()] if table.is_file() else ["_`recap evaluate` has not run._"]
 
 
+def _sweep(experiment: Path, report_dir: Path) -> list[str]:
+    """The experiment's last sweep report (sweep.md: its table, plot and grid), its title a
+    sentence and its links relative to ``report_dir``."""
+    table = experiment / SWEEP_DIR / "sweep.md"
+    if not table.is_file():
+        return ["_No sweep yet: `make sweep` (`recap pipeline -m caption_mix.dsc=...`, then `recap sweep-report`)._"]
+    base = _rel(table.parent, report_dir)
+    lines = table.read_text().strip().splitlines()
+    title = lines[0].removeprefix("# ") if lines and lines[0].startswith("# ") else "Sweep"
+    body = lines[1:] if lines and lines[0].startswith("# ") else lines
+    return [f"{title}, from `recap sweep-report` (`{_rel(table, report_dir)}`):",
+            *(_RELATIVE_LINK.sub(lambda m: f"]({base}/{m.group(1)})", line) for line in body)]
+
+
+def refresh_sweep_section(experiment: Path) -> Path | None:
+    """Rewrite the last section of the experiment's report.md from the sweep report now under
+    ``experiment``/SWEEP_DIR (`recap sweep-report` runs after the pipeline wrote the report).
+    Returns the report's path, or None when the pipeline has written none yet."""
+    path = experiment / REPORT_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    cut = text.find(f"\n{SWEEP_HEADING}\n")
+    head = text[: cut + 1] if cut >= 0 else text.rstrip("\n") + "\n\n"
+    path.write_text(head + "\n".join([SWEEP_HEADING, "", *_sweep(experiment, experiment), ""]))
+    return path
+
+
 def write_report(steps: Sequence[Any], times: dict[str, Any], report_dir: Path, *, run_name: str,
                  experiment_dir: Path, recaptioned: str, examples: int) -> Path:
     """Write ``report_dir``/report.md (``report_dir``: the experiment's directory ``experiment_dir``,
@@ -119,6 +155,8 @@ def write_report(steps: Sequence[Any], times: dict[str, Any], report_dir: Path, 
              "## Captioners", "", *_captioner_scores(experiment_dir / "evaluate_captioner" / "summary.json"), "",
              "## Samples", "", *_grids(report_dir, report_dir), "",
              "## Evaluation", "", *_evaluation(report_dir), ""]
-    path = report_dir / "report.md"
+    if report_dir.resolve() == experiment_dir.resolve():  # a sweep point's report has no sweep section
+        lines += [SWEEP_HEADING, "", *_sweep(experiment_dir, report_dir), ""]
+    path = report_dir / REPORT_FILE
     path.write_text("\n".join(lines))
     return path

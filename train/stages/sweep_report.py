@@ -9,7 +9,9 @@ attribute accuracy, against the swept value; grid.png: ``sweep_report.prompts`` 
 point of every swept value (its <point>/train_t2i/pipeline) from the same noise. Points that share
 the swept value (a sweep that also varies ``train_t2i.seed``) are one row: their mean, with the
 min-max range as the uncertainty (table cells and the plot's error bars). Points whose evaluation
-is missing are listed, not silently dropped.
+is missing are listed, not silently dropped. When it runs in the experiment's sweep_report/ (the
+default), it also rewrites the sweep section of the experiment's report.md
+(train/outputs/pipeline_report.py), which the pipeline wrote before the sweep was reported.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from train.config.experiment import ExperimentConfig
 from train.config.sampling import SamplerConfig, SweepReportConfig
 from train.config.typed import ConfigError
 from train.outputs.image_grids import labelled_grid
+from train.outputs.pipeline_report import SWEEP_DIR, refresh_sweep_section
 from train.outputs.run_logging import finish_stage, setup_logging, write_config_snapshot
 from train.runtime.placement import inference_placement
 from train.t2i.sampling import generate, load_sampler
@@ -183,7 +186,10 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     if draw:
         side_by_side(sweep, rows, r.x, r, inference_placement(cfg.runtime)[0]).save(run_dir / GRID_FILE)
     log.info("sweep over %s, %d point(s):\n%s", r.x, len(points), markdown)
+    in_place = run_dir.resolve() == (cfg.run.dir / SWEEP_DIR).resolve()  # elsewhere: not the experiment's sweep
+    report = refresh_sweep_section(cfg.run.dir) if in_place else None
     summary = {"points": len(points), "missing": missing, "x": r.x, "table": str(run_dir / "sweep.md"),
-               "plot": str(run_dir / "sweep.png"), "grid": str(run_dir / GRID_FILE) if draw else None}
+               "plot": str(run_dir / "sweep.png"), "grid": str(run_dir / GRID_FILE) if draw else None,
+               "report": str(report) if report else None}
     finish_stage(run_dir, STAGE, summary)
     return summary
