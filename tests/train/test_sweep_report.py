@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,8 +12,11 @@ import yaml
 from PIL import Image
 
 from tests.helpers import export_tiny_pipeline, run_stage
-from train.stages.sweep_report import aggregate, collect, metric_columns, split_constant, table
+from train.config.loading import load_experiment
 from train.config.typed import ConfigError
+from train.evaluation.heldout import read_prompted
+from train.outputs.image_grids import _LABEL_LINES
+from train.stages.sweep_report import aggregate, collect, metric_columns, split_constant, table
 
 POINTS = {0: (0.95, 61.0, 70.5, 0.80), 1: (0.0, 60.0, 55.25, 0.30), 2: (0.5, 60.5, 66.0, 0.65)}
 
@@ -111,7 +115,8 @@ def test_stage_draws_the_prompts_with_each_values_first_point_from_the_same_nois
         export_tiny_pipeline(sweep / str(num) / "train_t2i" / "pipeline")
     summary = run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={sweep}",
                                          "sweep_report.prompts=[a red circle,a blue star]", "sweep_report.size=32",
-                                         "sweep_report.steps=2", "logger.wandb.mode=disabled"])
+                                         "sweep_report.steps=2", "sweep_report.heldout_examples=0",
+                                         "logger.wandb.mode=disabled"])
     grid = np.asarray(Image.open(summary["grid"]).convert("RGB"))
     assert summary["grid"].endswith("grid.png") and "grid.png" in Path(summary["table"]).read_text()
     assert grid.shape[1] == 4 + 3 * (32 + 4)  # a column per swept value (0, 0.5, 0.95)
@@ -126,3 +131,36 @@ def test_no_prompts_no_grid(tmp_path: Path) -> None:
                                          "sweep_report.prompts=[]", "logger.wandb.mode=disabled"])
     assert summary["grid"] is None and not (tmp_path / "toy" / "sweep_report" / "grid.png").exists()
     assert summary["report"] is None and not (tmp_path / "toy" / "report.md").exists()  # no pipeline report to add to
+
+
+def test_stage_draws_held_out_dsc_prompts_beside_their_real_images(toy_data: Path, tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path)
+    for num in POINTS:  # the same random model everywhere
+        export_tiny_pipeline(sweep / str(num) / "train_t2i" / "pipeline")
+    overrides = [f"run.root={tmp_path}", f"sweep_report.sweep={sweep}", "sweep_report.prompts=[]",
+                 "sweep_report.heldout_examples=2", "sweep_report.size=32", "sweep_report.steps=2",
+                 f"evaluate.input={toy_data / 'heldout'}", "logger.wandb.mode=disabled"]
+    summary = run_stage("sweep_report", overrides)
+    assert summary["grid"] is None and summary["heldout_grid"].endswith("heldout.png")
+    assert "](heldout.png)" in Path(summary["table"]).read_text()
+    grid = np.asarray(Image.open(summary["heldout_grid"]).convert("RGB"))
+    cell_h = 32 + 12 * _LABEL_LINES + 6
+    assert grid.shape == (4 + 2 * cell_h, 4 + 4 * 36, 3)  # a row per example: real, then the values 0, 0.5, 0.95
+    cells = [[grid[4 + r * cell_h:][:32, 4 + c * 36:][:, :32] for c in range(4)] for r in range(2)]
+    cfg = load_experiment(overrides)
+    real = read_prompted(dataclasses.replace(cfg.evaluate, samples=2, size=32), cfg.data.reader, cfg.seed, False)
+    for r, row in enumerate(cells):
+        assert np.array_equal(row[0], real.pixels[r].permute(1, 2, 0).numpy())  # the example's own image
+        assert np.array_equal(row[1], row[2]) and np.array_equal(row[1], row[3])  # one model, one noise per row
+        assert not np.array_equal(row[0], row[1])
+    assert not np.array_equal(cells[0][1], cells[1][1])  # another DSC and noise
+
+
+def test_held_out_examples_from_a_missing_input_fail_before_anything_is_written(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path)
+    for num in POINTS:
+        export_tiny_pipeline(sweep / str(num) / "train_t2i" / "pipeline")
+    with pytest.raises(ConfigError, match="evaluate.input"):
+        run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={sweep}", "sweep_report.size=32",
+                                   f"evaluate.input={tmp_path / 'none'}", "logger.wandb.mode=disabled"])
+    assert not (tmp_path / "toy" / "sweep_report" / "sweep.md").exists()

@@ -149,15 +149,20 @@ class SweepReportConfig:
     """`recap sweep-report`: gather every point of a sweep (``sweep``: a sweep directory such as
     runs/toy/sweeps/pipeline) into a table and a plot of CLIP score and attribute accuracy against
     ``x`` (a config key that the sweep varied). ``prompts``: drawn from the same noise by the
-    first point of every swept value into grid.png (the paper's side-by-side; [] for none),
-    ``size`` x ``size`` pixels, DDIM with ``steps`` steps and guidance 5."""
+    first point of every swept value into grid.png (the paper's side-by-side; [] for none);
+    ``heldout_examples``: the first N samples of ``evaluate.input`` (as `recap evaluate` reads
+    them: the real image and its DSC) drawn the same way into heldout.png, the real image first
+    (0 for none); ``size`` x ``size`` pixels, DDIM with ``steps`` steps and guidance 5."""
 
     sweep: str
     x: str = "caption_mix.dsc"
     prompts: list[str] = field(default_factory=list)
+    heldout_examples: int = 0
     size: int = 128
     steps: int = 20
 
     def validate(self) -> None:
         if self.size < 8 or self.steps < 1:
             raise ConfigError("size", f"size must be >= 8 and steps >= 1, got {self.size} and {self.steps}")
+        if self.heldout_examples < 0:
+            raise ConfigError("heldout_examples", f"must be >= 0, got {self.heldout_examples}")

@@ -1,12 +1,15 @@
 """`recap sweep-report`: one table and one plot over the points of a sweep (the paper's Figure 4).
 
-Reads: sweep_report (sweep, x). A sweep directory holds one folder per point (Hydra's job
+Reads: sweep_report; evaluate and data.reader for the held-out examples. A sweep directory holds one folder per point (Hydra's job
 number), as `recap pipeline -m caption_mix.dsc=...` writes them: <point>/config.yaml (the point's
 redacted config, where the swept value is read) and <point>/evaluate/summary.json (or
 <point>/summary.json for a sweep of `recap evaluate` itself). Writes <run_dir>/sweep.md (a
 markdown table), sweep.json and sweep.png: CLIP score against alt-text and DSC references, and
 attribute accuracy, against the swept value; grid.png: ``sweep_report.prompts`` drawn by the first
-point of every swept value (its <point>/train_t2i/pipeline) from the same noise. Points that share
+point of every swept value (its <point>/train_t2i/pipeline) from the same noise; heldout.png: the
+first ``sweep_report.heldout_examples`` samples of evaluate.input, each row its real image and then
+what every swept value's model draws from its DSC (the paper's comparison on descriptive prompts,
+next to the images they describe). Points that share
 the swept value (a sweep that also varies ``train_t2i.seed``) are one row: their mean, with the
 min-max range as the uncertainty (table cells and the plot's error bars). Points whose evaluation
 is missing are listed, not silently dropped. When it runs in the experiment's sweep_report/ (the
@@ -16,6 +19,7 @@ default), it also rewrites the sweep section of the experiment's report.md
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -27,6 +31,7 @@ from PIL import Image
 from train.config.experiment import ExperimentConfig
 from train.config.sampling import SamplerConfig, SweepReportConfig
 from train.config.typed import ConfigError
+from train.evaluation.heldout import Prompted, read_prompted
 from train.outputs.image_grids import labelled_grid
 from train.outputs.pipeline_report import SWEEP_DIR, refresh_sweep_section
 from train.outputs.run_logging import finish_stage, setup_logging, write_config_snapshot
@@ -35,6 +40,7 @@ from train.t2i.sampling import generate, load_sampler
 
 STAGE = "sweep-report"
 GRID_FILE = "grid.png"
+HELDOUT_FILE = "heldout.png"
 log = logging.getLogger("recap")
 PANELS = (("CLIP score", "clip_score"), ("attribute accuracy", "accuracy"))  # (axis title, key fragment)
 
@@ -139,19 +145,55 @@ def first_pipeline(sweep: Path, row: dict[str, Any]) -> Path:
     return sweep / str(min(row["points"])) / "train_t2i" / "pipeline"
 
 
-def side_by_side(sweep: Path, rows: list[dict[str, Any]], x: str, r: SweepReportConfig,
-                 device: torch.device) -> Image.Image:
-    """Every prompt of ``r.prompts`` (a row each) drawn by the first point of every swept value (a
-    column each) from the same noise: what changes between columns is the model alone."""
-    columns = []
+def _drawn(sweep: Path, rows: list[dict[str, Any]], r: SweepReportConfig, device: torch.device,
+           prompt_lists: list[list[str]]) -> list[torch.Tensor | None]:
+    """Per list of prompts, (P, values, 3, size, size) (None for an empty list): each prompt drawn
+    by the first point of every swept value from the same noise (image i of a list from seed i),
+    so that what changes along a row is the model alone. Each pipeline is loaded once."""
+    drawn: list[list[torch.Tensor]] = [[] for _ in prompt_lists]
     for row in rows:
-        pipe = load_sampler(SamplerConfig(pipeline=str(first_pipeline(sweep, row)), steps=r.steps), device, key="sweep_report.sweep",
-                            size=(r.size, r.size), size_key="sweep_report.size")
-        columns.append(generate(pipe, r.prompts, height=r.size, width=r.size, steps=r.steps, guidance_scale=5.0,
-                                seed=0, batch_size=8))  # (P, 3, size, size)
-    images = torch.stack(columns, dim=1).flatten(0, 1)  # prompt-major: (P x values, 3, size, size)
-    labels = [f"{x}={row[x]:g}: {prompt}" for prompt in r.prompts for row in rows]
-    return labelled_grid(images, labels, columns=len(rows))
+        pipe = load_sampler(SamplerConfig(pipeline=str(first_pipeline(sweep, row)), steps=r.steps), device,
+                            key="sweep_report.sweep", size=(r.size, r.size), size_key="sweep_report.size")
+        for images, prompts in zip(drawn, prompt_lists):
+            if prompts:
+                images.append(generate(pipe, prompts, height=r.size, width=r.size, steps=r.steps,
+                                       guidance_scale=5.0, seed=0, batch_size=8))  # (P, 3, size, size)
+    return [torch.stack(columns, dim=1) if columns else None for columns in drawn]
+
+
+def side_by_side(drawn: torch.Tensor, prompts: list[str], rows: list[dict[str, Any]], x: str) -> Image.Image:
+    """grid.png: a row per prompt, a column per swept value."""
+    labels = [f"{x}={row[x]:g}: {prompt}" for prompt in prompts for row in rows]
+    return labelled_grid(drawn.flatten(0, 1), labels, columns=len(rows))  # prompt-major
+
+
+def heldout_side_by_side(drawn: torch.Tensor, examples: Prompted, rows: list[dict[str, Any]], x: str) -> Image.Image:
+    """heldout.png: a row per held-out example, its real image (its DSC under it) first, then what
+    every swept value's model draws from that DSC."""
+    real = examples.pixels.float().div(255).unsqueeze(1)  # (N, 1, 3, size, size)
+    labels = [label for dsc in examples.dscs for label in (f"real: {dsc}", *(f"{x}={row[x]:g}" for row in rows))]
+    return labelled_grid(torch.cat([real, drawn], dim=1).flatten(0, 1), labels, columns=1 + len(rows))
+
+
+def _figures(cfg: ExperimentConfig, sweep: Path, rows: list[dict[str, Any]]) -> tuple[bool, Prompted | None, str]:
+    """(draw grid.png, the held-out examples for heldout.png or None, their markdown links): what
+    the points' exported pipelines allow. The examples are read now: a bad evaluate.input fails
+    before anything is written."""
+    r = cfg.sweep_report
+    lacking = [str(p) for p in (first_pipeline(sweep, row) for row in rows) if not (p / "model_index.json").is_file()]
+    if (r.prompts or r.heldout_examples) and lacking:
+        log.warning("no %s or %s: these points have no exported pipeline: %s", GRID_FILE, HELDOUT_FILE,
+                    ", ".join(lacking))
+    if lacking:
+        return False, None, ""
+    examples = None
+    if r.heldout_examples:
+        e = dataclasses.replace(cfg.evaluate, samples=r.heldout_examples, size=r.size)
+        examples = read_prompted(e, cfg.data.reader, cfg.seed, with_targets=False)
+    links = (f"\n![each value's first point, same noise per prompt]({GRID_FILE})\n" if r.prompts else "") + (
+        f"\n![held-out DSC prompts: the real image, then each value's first point, same noise per row]({HELDOUT_FILE})\n"
+        if examples else "")
+    return bool(r.prompts), examples, links
 
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -165,31 +207,33 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     if not points:
         raise ConfigError("sweep_report.sweep", f"no point of {sweep} has both a config.yaml with {r.x} and an "
                           f"evaluate summary (points without: {missing or 'none found'})")
-    setup_logging(run_dir, STAGE)
-    write_config_snapshot(run_dir, cfg)
     columns = metric_columns(points, r.x)
     rows = aggregate(points, r.x, columns)
+    setup_logging(run_dir, STAGE)
+    write_config_snapshot(run_dir, cfg)
+    grid, examples, links = _figures(cfg, sweep, rows)
     varying, constant = split_constant(rows, columns)
     markdown = table(rows, r.x, varying)
     if constant:
         markdown += "\n\nThe same at every point: " + ", ".join(f"{c} {v:.4g}" for c, v in constant.items())
-    lacking = [str(p) for p in (first_pipeline(sweep, row) for row in rows) if not (p / "model_index.json").is_file()]
-    draw = bool(r.prompts) and not lacking
-    if r.prompts and lacking:
-        log.warning("no %s: these points have no exported pipeline: %s", GRID_FILE, ", ".join(lacking))
-    grid = (f"\n![each value's first point, same noise per prompt]({GRID_FILE})\n" if draw else "")
-    (run_dir / "sweep.md").write_text(f"# Sweep over {r.x} ({sweep})\n\n{markdown}\n\n![sweep](sweep.png)\n" + grid
+    (run_dir / "sweep.md").write_text(f"# Sweep over {r.x} ({sweep})\n\n{markdown}\n\n![sweep](sweep.png)\n" + links
                                       + (f"\nPoints without an evaluation: {', '.join(missing)}\n" if missing else ""))
     (run_dir / "sweep.json").write_text(json.dumps({"x": r.x, "points": points, "by_x": rows, "missing": missing},
                                                    indent=2) + "\n")
     plot(rows, r.x, varying, run_dir / "sweep.png")
-    if draw:
-        side_by_side(sweep, rows, r.x, r, inference_placement(cfg.runtime)[0]).save(run_dir / GRID_FILE)
+    if grid or examples:
+        drawn = _drawn(sweep, rows, r, inference_placement(cfg.runtime)[0],
+                       [r.prompts if grid else [], examples.dscs if examples else []])
+        if grid:
+            side_by_side(drawn[0], r.prompts, rows, r.x).save(run_dir / GRID_FILE)
+        if examples:
+            heldout_side_by_side(drawn[1], examples, rows, r.x).save(run_dir / HELDOUT_FILE)
     log.info("sweep over %s, %d point(s):\n%s", r.x, len(points), markdown)
     in_place = run_dir.resolve() == (cfg.run.dir / SWEEP_DIR).resolve()  # elsewhere: not the experiment's sweep
     report = refresh_sweep_section(cfg.run.dir) if in_place else None
     summary = {"points": len(points), "missing": missing, "x": r.x, "table": str(run_dir / "sweep.md"),
-               "plot": str(run_dir / "sweep.png"), "grid": str(run_dir / GRID_FILE) if draw else None,
+               "plot": str(run_dir / "sweep.png"), "grid": str(run_dir / GRID_FILE) if grid else None,
+               "heldout_grid": str(run_dir / HELDOUT_FILE) if examples else None,
                "report": str(report) if report else None}
     finish_stage(run_dir, STAGE, summary)
     return summary
