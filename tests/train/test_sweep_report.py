@@ -29,7 +29,7 @@ def _sweep(root: Path, missing: int | None = None) -> Path:
         (point / "config.yaml").write_text(yaml.safe_dump({"caption_mix": {"dsc": dsc, "ssc": 0.0}}))
         (point / "evaluate" / "summary.json").write_text(json.dumps(
             {"clip_score_txt": clip_txt, "clip_score_dsc": clip_dsc, "attribute_accuracy": acc, "samples": 32,
-             "pipeline": "x/pipeline", "resumed": False}))
+             "pipeline": "x/pipeline", "resumed": False, "seconds": 30.0 + num}))
     if missing is not None:
         (sweep / str(missing) / "evaluate").mkdir(parents=True)
         (sweep / str(missing) / "config.yaml").write_text(yaml.safe_dump({"caption_mix": {"dsc": 0.8}}))
@@ -42,7 +42,8 @@ def test_collect_sorts_by_the_swept_value_and_lists_missing_points(tmp_path: Pat
     assert [p["point"] for p in points] == [1, 2, 0]
     assert missing == ["3"]
     columns = metric_columns(points, "caption_mix.dsc")
-    assert columns == ["attribute_accuracy", "clip_score_dsc", "clip_score_txt", "samples"]  # strings/bools dropped
+    # strings, bools and the evaluation's wall time are not metrics
+    assert columns == ["attribute_accuracy", "clip_score_dsc", "clip_score_txt", "samples"]
     rows = table(aggregate(points, "caption_mix.dsc", columns), "caption_mix.dsc", columns).splitlines()
     assert rows[0] == "| caption_mix.dsc | n | attribute_accuracy | clip_score_dsc | clip_score_txt | samples |"
     assert rows[2] == "| 0 | 1 | 0.3 | 55.25 | 60 | 32 |" and rows[4] == "| 0.95 | 1 | 0.8 | 70.5 | 61 | 32 |"

@@ -73,8 +73,9 @@ def collect(sweep: Path, x: str) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def metric_columns(points: list[dict[str, Any]], x: str) -> list[str]:
-    """Metrics every point has (CLIP scores and accuracies first), in a stable order."""
-    common = set.intersection(*(set(p) for p in points)) - {"point", x}
+    """Metrics every point has (CLIP scores and accuracies first), in a stable order; not the
+    evaluation's wall time (``seconds``), which measures the machine, not the model."""
+    common = set.intersection(*(set(p) for p in points)) - {"point", x, "seconds"}
     key = lambda m: (not any(f in m for _, f in PANELS), m)  # noqa: E731
     return sorted(common, key=key)
 
