@@ -172,6 +172,7 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
     assert summary["clip_score_dsc"] == gen_dsc["clip_score_dsc"] and summary["samples"] == 16
     assert summary["real_attribute_accuracy"] == r["real"]["attributes"]["mean"]
     assert summary["vae_round_trip_attribute_accuracy"] == r["vae_round_trip"]["attributes"]["mean"]
+    assert summary["majority_attribute_accuracy"] == r["majority_class"]["attributes"]["mean"]
 
 
 def test_evaluate_without_probe_takes_the_first_n_samples_and_only_scores_clip(judges, toy_data: Path,

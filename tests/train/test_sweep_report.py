@@ -16,7 +16,7 @@ from train.config.loading import load_experiment
 from train.config.typed import ConfigError
 from train.evaluation.heldout import read_prompted
 from train.outputs.image_grids import _LABEL_LINES
-from train.stages.sweep_report import aggregate, collect, metric_columns, split_constant, table
+from train.stages.sweep_report import aggregate, collect, metric_columns, plot, split_constant, table
 
 POINTS = {0: (0.95, 61.0, 70.5, 0.80), 1: (0.0, 60.0, 55.25, 0.30), 2: (0.5, 60.5, 66.0, 0.65)}
 
@@ -100,6 +100,18 @@ def test_stage_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert "Points without an evaluation: 3" in (out / "sweep.md").read_text()
     width, height = Image.open(out / "sweep.png").size
     assert width > 2 * height  # two panels side by side: CLIP scores, accuracy
+
+
+def test_the_plot_draws_the_majority_floor_on_the_accuracy_panel(tmp_path: Path) -> None:
+    points, _ = collect(_sweep(tmp_path), "caption_mix.dsc")
+    columns = metric_columns(points, "caption_mix.dsc")
+    rows = aggregate(points, "caption_mix.dsc", columns)
+    without = np.asarray(Image.open(plot(rows, "caption_mix.dsc", columns, tmp_path / "a.png")).convert("L"))
+    with_floor = np.asarray(Image.open(plot(rows, "caption_mix.dsc", columns, tmp_path / "b.png", floor=0.5)).convert("L"))
+    assert without.shape == with_floor.shape
+    half = without.shape[1] // 2  # the CLIP panel (left) is unchanged, the accuracy panel (right) is not
+    assert np.array_equal(without[:, :half - 20], with_floor[:, :half - 20])
+    assert not np.array_equal(without[:, half:], with_floor[:, half:])
 
 
 def test_stage_refuses_an_empty_or_missing_sweep(tmp_path: Path) -> None:

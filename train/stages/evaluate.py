@@ -177,5 +177,6 @@ def _summary(evaluation: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         out["attribute_accuracy"] = r["generated_from_dsc"]["attributes"]["mean"]
         out["real_attribute_accuracy"] = r["real"]["attributes"]["mean"]
         out["vae_round_trip_attribute_accuracy"] = r["vae_round_trip"]["attributes"]["mean"]
+        out["majority_attribute_accuracy"] = r["majority_class"]["attributes"]["mean"]  # the floor
     return {**out, "seconds": evaluation["seconds"]["total"], "evaluation": str(run_dir / "evaluation.json"),
             "table": str(run_dir / "evaluation.md")}

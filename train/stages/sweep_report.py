@@ -114,9 +114,11 @@ def table(rows: list[dict[str, Any]], x: str, columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], x: str, columns: list[str], path: Path) -> Path:
+def plot(rows: list[dict[str, Any]], x: str, columns: list[str], path: Path, floor: float | None = None) -> Path:
     """One panel per metric family of PANELS that the points have; one line per metric: the mean
-    over the points of each value of ``x``, error bars from their min to their max."""
+    over the points of each value of ``x``, error bars from their min to their max. ``floor``: the
+    majority-class attribute accuracy (the same prompts at every point), a dashed line on the
+    accuracy panel: what always answering the commonest class scores."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
@@ -131,6 +133,8 @@ def plot(rows: list[dict[str, Any]], x: str, columns: list[str], path: Path) -> 
             means = [r[c]["mean"] for r in rows]
             spread = [[m - r[c]["min"] for m, r in zip(means, rows)], [r[c]["max"] - m for m, r in zip(means, rows)]]
             ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=c)
+        if floor is not None and title == "attribute accuracy":
+            ax.axhline(floor, linestyle="--", color="gray", label=f"majority-class floor ({floor:.3g})")
         ax.set_xlabel(x)
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -221,7 +225,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
                                       + (f"\nPoints without an evaluation: {', '.join(missing)}\n" if missing else ""))
     (run_dir / "sweep.json").write_text(json.dumps({"x": r.x, "points": points, "by_x": rows, "missing": missing},
                                                    indent=2) + "\n")
-    plot(rows, r.x, varying, run_dir / "sweep.png")
+    plot(rows, r.x, varying, run_dir / "sweep.png", floor=constant.get("majority_attribute_accuracy"))
     if grid or examples:
         drawn = _drawn(sweep, rows, r, inference_placement(cfg.runtime)[0],
                        [r.prompts if grid else [], examples.dscs if examples else []])
