@@ -146,13 +146,17 @@ def test_evaluate_writes_json_and_markdown_with_real_image_ceilings(judges, toy_
 
     # The VAE row: the same real images encoded and decoded by the generator's own VAE, judged alike.
     vae = AutoencoderKL.from_pretrained(tiny_pipeline / "vae").eval()
+    # In the stage's batches of 6 (evaluate.sampler.batch_size): a random VAE's output leaves the
+    # probe near ties, and another batch size takes another kernel path on some thread counts
+    # (one thread flipped a size prediction), so the same computation, not a tolerance.
     with torch.no_grad():
-        through = (reconstruct(vae, real * 2 - 1) + 1) / 2
+        through = torch.cat([(reconstruct(vae, real[i:i + 6] * 2 - 1) + 1) / 2 for i in range(0, len(real), 6)])
         images = model.encode_image(to_clip_input(through, 32, MEAN, STD))
         dsc = model.encode_text(tokenize_references(tokenizer, [m["gt_dsc"] for _, _, m in test], 77))
     assert r["vae_round_trip"]["clip_score_dsc"] == pytest.approx(pair_scores(images, dsc).mean().item(), abs=2e-3)
-    assert r["vae_round_trip"]["attributes"] == pytest.approx(binding_accuracy(predict(probe, through), targets),
-                                                              abs=1e-4)
+    chunks = [predict(probe, through[i:i + 6]) for i in range(0, len(through), 6)]
+    predicted = {name: torch.cat([c[name] for c in chunks]) for name in probe.spec.attributes}
+    assert r["vae_round_trip"]["attributes"] == pytest.approx(binding_accuracy(predicted, targets), abs=1e-4)
     assert not torch.equal(through, real)  # a random toy VAE: the row is not the real images again
     assert ev["judges"]["clip"]["clip"]["retrieval_candidates"] == 8 and ev["judges"]["probe"]["samples"] == 16
 
