@@ -183,7 +183,7 @@ def heldout_side_by_side(drawn: torch.Tensor, examples: Prompted, rows: list[dic
 def _figures(cfg: ExperimentConfig, sweep: Path, rows: list[dict[str, Any]]) -> tuple[bool, Prompted | None, str]:
     """(draw grid.png, the held-out examples for heldout.png or None, their markdown links): what
     the points' exported pipelines allow. The examples are read now: a bad evaluate.input fails
-    before anything is written."""
+    before the table is written."""
     r = cfg.sweep_report
     lacking = [str(p) for p in (first_pipeline(sweep, row) for row in rows) if not (p / "model_index.json").is_file()]
     if (r.prompts or r.heldout_examples) and lacking:
