@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from tests.helpers import run_recap
+from tests.helpers import png_bytes, run_recap, write_shards
 from train.config.typed import ConfigError
 from train.outputs.markdown import cell
 from train.outputs.pipeline_report import refresh_sweep_section, write_report
@@ -64,18 +65,42 @@ def test_report_from_plain_values_says_what_has_not_run(tmp_path: Path) -> None:
     (experiment / "sample" / "grid.png").write_bytes(b"")
     (experiment / "sample" / "prompts.jsonl").write_text(json.dumps({"rewritten": "a | b"}) + "\n")
     path = write_report(steps, {"make-toy-data": {"seconds": 1.25, "status": "ran"}}, experiment, run_name="toy",
-                        experiment_dir=experiment, recaptioned=str(tmp_path / "none"), examples=2)
+                        experiment_dir=experiment, captioned=str(tmp_path / "none"), examples=2)
     report = path.read_text()
     assert path == experiment / "report.md" and report.startswith("# toy: the recipe end to end\n")
     assert f"| `make-toy-data` | ran | 1.2 | `{experiment / 'make_toy_data'}` |" in report
     assert f"| `sample` | not run |  | `{experiment / 'sample'}` |" in report
-    assert f"_No recaptioned shards at `{tmp_path / 'none'}` yet" in report
+    assert report.count("_`recap evaluate-captioner` has not run._") == 1  # the scores ran, the examples did not
     assert "| ssc | 0.750 | 0.500 | 0.250 | 0.125 | 3 / 4 | 1 / 4 |" in report
     assert "| dsc | nan | 0.500 | nan | nan | – | – |" in report  # an older summary's missing values
     assert "1. a \\| b" in report and "![samples](sample/grid.png)" in report
     assert "_`recap evaluate` has not run._" in report
     assert report.endswith("## Caption-mix sweep\n\n_No sweep yet: `make sweep` (`recap pipeline -m caption_mix.dsc=...`, "
                            "then `recap sweep-report`)._\n")
+
+
+def test_the_caption_examples_are_evaluate_captioners_first_held_out_images_found_by_key(tmp_path: Path) -> None:
+    shards = write_shards(tmp_path / "heldout", [{"png": png_bytes(Image.new("RGB", (8, 8), (i, 0, 0))), "txt": b"x"}
+                                                 for i in range(6)], per_shard=3)
+    experiment = tmp_path / "toy"
+    (experiment / "evaluate_captioner").mkdir(parents=True)
+    keys = ["000004", "000001", "000009"]  # reading order; 000009 is in no shard
+    examples = {source: [{"key": k, "caption": f"{source} of {k} | x"} for k in keys]
+                for source in ("alt-text", "ssc", "dsc", "gt_dsc")}
+    (experiment / "evaluate_captioner" / "caption_eval.json").write_text(json.dumps({"examples": examples}))
+    report = write_report([], {}, experiment, run_name="toy", experiment_dir=experiment, captioned=str(shards),
+                          examples=3).read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ![") or line.startswith("| _(image")]
+    assert rows == ["| ![000004](report_assets/000004.png) | alt-text of 000004 \\| x | ssc of 000004 \\| x | "
+                    "dsc of 000004 \\| x |",
+                    "| ![000001](report_assets/000001.png) | alt-text of 000001 \\| x | ssc of 000001 \\| x | "
+                    "dsc of 000001 \\| x |",
+                    "| _(image 000009 not found)_ | alt-text of 000009 \\| x | ssc of 000009 \\| x | dsc of 000009 \\| x |"]
+    assert Image.open(experiment / "report_assets" / "000004.png").getpixel((0, 0)) == (4, 0, 0)
+    assert sorted(p.name for p in (experiment / "report_assets").iterdir()) == ["000001.png", "000004.png"]
+    two = write_report([], {}, experiment, run_name="toy", experiment_dir=experiment, captioned=str(shards),
+                       examples=2).read_text()
+    assert "000009" not in two and "The first 2 held-out images" in two
 
 
 SWEEP_MD = "# Sweep over caption_mix.dsc (runs/toy/sweeps/pipeline)\n\n| caption_mix.dsc | n |\n|---:|---:|\n| {} | 2 |\n\n" \
@@ -87,7 +112,7 @@ def test_the_experiments_report_ends_with_its_sweep_and_sweep_report_rewrites_th
     (experiment / "sweep_report").mkdir(parents=True)
     (experiment / "sweep_report" / "sweep.md").write_text(SWEEP_MD.format(0.5))
     steps = plan(["make-toy-data"], experiment_dir=experiment)
-    args = dict(run_name="toy", experiment_dir=experiment, recaptioned=str(tmp_path / "none"), examples=0)
+    args = dict(run_name="toy", experiment_dir=experiment, captioned=str(tmp_path / "none"), examples=0)
     report = write_report(steps, {}, experiment, **args).read_text()
     section = report[report.index("## Caption-mix sweep\n"):]
     assert section == ("## Caption-mix sweep\n\nSweep over caption_mix.dsc (runs/toy/sweeps/pipeline), from `recap "

@@ -30,8 +30,9 @@ class CaptionConfig:
 @dataclass(frozen=True)
 class EvaluateCaptionerConfig:
     """`recap evaluate-captioner`: attribute precision/recall of alt-text and captioners on
-    held-out toy samples (data.heldout), against their ground truth."""
+    held-out toy samples (``input``), against their ground truth."""
 
+    input: str  # held-out shards with ground truth (conf: evaluate.input, so the report's examples are evaluate's)
     captioners: dict[str, str]  # name -> exported captioner directory
     samples: int | None = 256  # held-out samples scored (null: all)
     batch_size: int = 32

@@ -52,8 +52,9 @@ def _reader(shards: str, transform: Any, *, reader: ReaderOptions, seed: int, ba
     """One pass over ``shards`` (in the reader's seeded order) with ground-truth access EVALUATION:
     batches are lists of ``transform(sample)``."""
     spec = SampleSpec(GroundTruthAccess.EVALUATION, image=True, optional_texts=texts)
-    return ShardReader(shards, spec=spec, options=reader, batch_size=batch_size, seed=seed, epochs=1,
-                       transform=transform, collate=list)
+    workers = min(reader.num_workers, len(list_shards(shards)))  # each worker needs a shard of its own
+    return ShardReader(shards, spec=spec, options=replace(reader, num_workers=workers), batch_size=batch_size,
+                       seed=seed, epochs=1, transform=transform, collate=list)
 
 
 def heldout_batches(shards: str, key: str, transform: Any, *, reader: ReaderOptions, seed: int, batch_size: int,
@@ -74,9 +75,7 @@ def read_items(shards: str, key: str, transform: Any, *, reader: ReaderOptions, 
     ``key`` and saying ``fix`` when the shards are missing or not what ``transform`` needs."""
     items: list[Any] = []
     try:
-        workers = min(reader.num_workers, len(list_shards(shards)))  # each worker needs a shard of its own
-        batches = _reader(shards, transform, reader=replace(reader, num_workers=workers), seed=seed, batch_size=32,
-                          texts=PROMPT_TEXTS)
+        batches = _reader(shards, transform, reader=reader, seed=seed, batch_size=32, texts=PROMPT_TEXTS)
         for batch in batches:
             items += batch
             if limit is not None and len(items) >= limit:

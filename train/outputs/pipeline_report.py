@@ -1,7 +1,7 @@
 """report.md of a `recap pipeline` run, from what the stages left on disk.
 
-Sections: the stages with their status and time; caption examples (the same images with their
-alt-text, SSC and DSC, from recaption's output shards); the captioners' attribute scores
+Sections: the stages with their status and time; caption examples (held-out images with their
+alt-text, SSC and DSC, from evaluate-captioner: the images evaluate draws first); the captioners' attribute scores
 (evaluate-captioner); the sample grids (train-t2i's last training grid, `recap sample`'s grid);
 the evaluation tables (`recap evaluate`'s evaluation.md); in the experiment's report (not a sweep
 point's), last, the caption-mix sweep (`recap sweep-report`'s table, plot and same-noise grid), which
@@ -22,7 +22,7 @@ from typing import Any
 from data_pipeline.shard_io import decode_text, image_member, iter_raw_samples, list_shards, open_shard
 from train.outputs.markdown import cell
 
-CAPTION_KEYS = (("alt-text", "txt"), ("SSC", "ssc.txt"), ("DSC", "dsc.txt"))
+CAPTION_SOURCES = ("alt-text", "SSC", "DSC")  # evaluate-captioner's sources, lowercased
 REPORT_FILE = "report.md"
 SWEEP_DIR = "sweep_report"  # `recap sweep-report`'s run directory under the experiment's
 SWEEP_HEADING = "## Caption-mix sweep"  # the report's last section
@@ -46,28 +46,46 @@ def _stage_table(steps: Sequence[Any], times: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _caption_examples(shards: str, count: int, report_dir: Path) -> list[str]:
-    """The first ``count`` recaptioned samples: image + alt-text, SSC and DSC side by side."""
-    try:
-        first = list_shards(shards)[0]
-    except (ValueError, IndexError):
-        return [f"_No recaptioned shards at `{shards}` yet (`recap recaption`)._"]
-    assets = report_dir / "report_assets"
-    assets.mkdir(parents=True, exist_ok=True)
-    lines = ["| image | " + " | ".join(name for name, _ in CAPTION_KEYS) + " |", "|---|---|---|---|"]
-    with open_shard(first) as stream:
-        for sample in iter_raw_samples(stream):
-            if isinstance(sample, str) or sample.fault or len(lines) - 2 >= count:
-                break
-            image = image_member(sample.members)
-            if image is None:
-                continue
-            path = assets / f"{sample.key}.{image}"
-            path.write_bytes(sample.members[image])
-            texts = [cell(decode_text(sample.members[m])) if m in sample.members else "_(missing)_"
-                     for _, m in CAPTION_KEYS]
-            lines.append(f"| ![{sample.key}]({_rel(path, report_dir)}) | " + " | ".join(texts) + " |")
+def _caption_examples(caption_eval: Path, shards: str, count: int, report_dir: Path) -> list[str]:
+    """The first ``count`` samples `recap evaluate-captioner` captioned (``caption_eval``: its
+    caption_eval.json; ``shards``: its input, where the images are found by key): each image with
+    its alt-text, SSC and DSC side by side."""
+    if not caption_eval.is_file():
+        return ["_`recap evaluate-captioner` has not run._"]
+    examples = json.loads(caption_eval.read_text())["examples"]
+    keys = [row["key"] for row in examples.get("alt-text", [])][:count]
+    captions = {name: {row["key"]: row["caption"] for row in examples.get(name.lower(), [])}
+                for name in CAPTION_SOURCES}
+    images = _images_by_key(shards, set(keys), report_dir / "report_assets")
+    lines = [f"The first {len(keys)} held-out images `recap evaluate-captioner` captioned (`evaluate_captioner.input`;"
+             " by default evaluate's input, whose first images are also in evaluate's examples and the sweep's "
+             "heldout.png):", "", "| image | " + " | ".join(CAPTION_SOURCES) + " |", "|---|---|---|---|"]
+    for key in keys:
+        image = f"![{key}]({_rel(images[key], report_dir)})" if key in images else f"_(image {key} not found)_"
+        lines.append(f"| {image} | " + " | ".join(cell(captions[name].get(key, "–")) for name in CAPTION_SOURCES) + " |")
     return lines
+
+
+def _images_by_key(shards: str, keys: set[str], assets: Path) -> dict[str, Path]:
+    """Copy the images of ``keys`` from ``shards`` into ``assets``: key -> file (missing keys are left out)."""
+    found: dict[str, Path] = {}
+    try:
+        urls = list_shards(shards)
+    except ValueError:
+        return found
+    assets.mkdir(parents=True, exist_ok=True)
+    for url in urls:
+        with open_shard(url) as stream:
+            for sample in iter_raw_samples(stream):
+                if isinstance(sample, str) or len(found) == len(keys):
+                    break
+                image = image_member(sample.members)
+                if sample.key in keys and not sample.fault and image is not None:
+                    found[sample.key] = assets / f"{sample.key}.{image}"
+                    found[sample.key].write_bytes(sample.members[image])
+        if len(found) == len(keys):
+            break
+    return found
 
 
 def _captioner_scores(summary_path: Path) -> list[str]:
@@ -142,16 +160,17 @@ def refresh_sweep_section(experiment: Path) -> Path | None:
 
 
 def write_report(steps: Sequence[Any], times: dict[str, Any], report_dir: Path, *, run_name: str,
-                 experiment_dir: Path, recaptioned: str, examples: int) -> Path:
+                 experiment_dir: Path, captioned: str, examples: int) -> Path:
     """Write ``report_dir``/report.md (``report_dir``: the experiment's directory ``experiment_dir``,
-    or a sweep point's, whose per-point stages live under it); ``recaptioned``: recaption's output
-    shards, whose first ``examples`` samples are shown. Returns the report's path."""
+    or a sweep point's, whose per-point stages live under it); ``captioned``: evaluate-captioner's
+    input shards, where the images of its first ``examples`` examples are. Returns the report's path."""
     report_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {run_name}: the recipe end to end", "",
              "Written by `recap pipeline` from the stages' outputs; rerun it to refresh.", "",
              "## Stages", "", *_stage_table(steps, times), "",
              "## Captions: alt-text vs SSC vs DSC", "",
-             *_caption_examples(recaptioned, examples, report_dir), "",
+             *_caption_examples(experiment_dir / "evaluate_captioner" / "caption_eval.json", captioned, examples,
+                                report_dir), "",
              "## Captioners", "", *_captioner_scores(experiment_dir / "evaluate_captioner" / "summary.json"), "",
              "## Samples", "", *_grids(report_dir, report_dir), "",
              "## Evaluation", "", *_evaluation(report_dir), ""]

@@ -1,6 +1,6 @@
 """`recap evaluate-captioner`: how much of each picture do alt-text, SSC and DSC captions say?
 
-On held-out toy samples (data.heldout, EVALUATION access: the only stage kind that reads ground
+On held-out toy samples (evaluate_captioner.input, by default evaluate's; EVALUATION access: the only stage kind that reads ground
 truth), every captioner in evaluate_captioner.captioners writes a caption per image; those and
 the shards' own alt-text are scored by data_pipeline/caption_attributes.py: precision and recall
 of the colours, shapes, colour-shape bindings, textures, sizes, positions, object count and
@@ -35,7 +35,7 @@ from train.outputs.run_logging import finish_stage, progress, setup_logging, wri
 from train.runtime.placement import inference_placement
 
 EXAMPLES = 8  # captions kept per source for reports
-HELDOUT_FIX = "Run `recap make-toy-data` first or point data.heldout at held-out shards with ground truth"
+HELDOUT_FIX = "Run `recap make-toy-data` first or point evaluate_captioner.input at held-out shards with ground truth"
 
 
 def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     device, _ = inference_placement(cfg.runtime)  # fp32 (as before): bf16 only where measured
     transform = _shared_preprocessing([model for model, _ in models.values()], device)
     bar = progress(total=e.samples, desc="evaluate-captioner", unit="img", enabled=cfg.logger.progress)
-    batches = heldout_batches(cfg.data.heldout, "data.heldout", CaptionerEvalItem(transform), reader=cfg.data.reader,
+    batches = heldout_batches(e.input, "evaluate_captioner.input", CaptionerEvalItem(transform), reader=cfg.data.reader,
                               seed=cfg.seed, batch_size=e.batch_size, fix=HELDOUT_FIX, texts=("txt",))
     keys, truths, captions = _caption_heldout(batches, models, e, device, bar)
     bar.close()

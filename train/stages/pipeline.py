@@ -127,7 +127,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         log.info("[%d/%d] %s: done in %.1f s", i, len(steps), step.spec, seconds)
     write_json_atomic(times_path, times)
     report = write_report(steps, times, point_dir or cfg.run.dir, run_name=cfg.run.name, experiment_dir=cfg.run.dir,
-                          recaptioned=cfg.recaption.output, examples=p.report_examples)
+                          captioned=cfg.evaluate_captioner.input, examples=p.report_examples)
     summary = {"stages": {s.spec: times.get(s.spec, {}).get("status", "not run") for s in steps},
                "seconds": round(time.perf_counter() - start, 1), "report": str(report),
                "failed": failed[0].spec if failed else None}
