@@ -75,7 +75,8 @@ def _colour_scores(root: Path, train: Path, heldout: Path) -> dict:
         "finetune_captioner.optimizer.lr=1e-3", "finetune_captioner.optimizer.warmup_steps=10"])
     assert summary["steps"] == STEPS and summary["vocab_size"] == 256
     captioner = root / "toy" / "finetune_captioner" / "dsc" / "captioner"
-    run_stage("evaluate_captioner", [*common, "~evaluate_captioner.captioners.ssc",
+    run_stage("evaluate_captioner", [*common, f"evaluate_captioner.input={heldout}",
+                                     "~evaluate_captioner.captioners.ssc",
                                      f"evaluate_captioner.captioners.dsc={captioner}",
                                      f"evaluate_captioner.samples={HELDOUT_SCENES}", "evaluate_captioner.batch_size=32",
                                      "evaluate_captioner.decoding.max_length=32"])
