@@ -137,6 +137,12 @@ def test_stage_draws_the_prompts_with_each_values_first_point_from_the_same_nois
     for row in cells:  # one prompt, one noise, one model: identical in every column
         assert np.array_equal(row[0], row[1]) and np.array_equal(row[0], row[2])
     assert not np.array_equal(cells[0][0], cells[1][0])  # another prompt and noise
+    unguided = run_stage("sweep_report", [f"run.root={tmp_path}", f"sweep_report.sweep={sweep}",
+                                          "sweep_report.prompts=[a red circle,a blue star]", "sweep_report.size=32",
+                                          "sweep_report.steps=2", "sweep_report.heldout_examples=0",
+                                          "sweep_report.guidance_scale=1.0", "logger.wandb.mode=disabled"])
+    other = np.asarray(Image.open(unguided["grid"]).convert("RGB"))
+    assert other.shape == grid.shape and not np.array_equal(other, grid)  # the configured guidance draws them
 
 
 def test_no_prompts_no_grid(tmp_path: Path) -> None:

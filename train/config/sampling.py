@@ -152,7 +152,8 @@ class SweepReportConfig:
     first point of every swept value into grid.png (the paper's side-by-side; [] for none);
     ``heldout_examples``: the first N samples of ``evaluate.input`` (as `recap evaluate` reads
     them: the real image and its DSC) drawn the same way into heldout.png, the real image first
-    (0 for none); ``size`` x ``size`` pixels, DDIM with ``steps`` steps and guidance 5."""
+    (0 for none); ``size`` x ``size`` pixels, DDIM with ``steps`` steps and ``guidance_scale``
+    (conf: `recap sample`'s, as evaluate's in the toy)."""
 
     sweep: str
     x: str = "caption_mix.dsc"
@@ -160,8 +161,11 @@ class SweepReportConfig:
     heldout_examples: int = 0
     size: int = 128
     steps: int = 20
+    guidance_scale: float = 5.0
 
     def validate(self) -> None:
+        if self.guidance_scale < 0:
+            raise ConfigError("guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         if self.size < 8 or self.steps < 1:
             raise ConfigError("size", f"size must be >= 8 and steps >= 1, got {self.size} and {self.steps}")
         if self.heldout_examples < 0:

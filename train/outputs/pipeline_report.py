@@ -138,9 +138,8 @@ def _sweep(experiment: Path, report_dir: Path) -> list[str]:
     if not table.is_file():
         return ["_No sweep yet: `make sweep` (`recap pipeline -m caption_mix.dsc=...`, then `recap sweep-report`)._"]
     base = _rel(table.parent, report_dir)
-    lines = table.read_text().strip().splitlines()
-    title = lines[0].removeprefix("# ") if lines and lines[0].startswith("# ") else "Sweep"
-    body = lines[1:] if lines and lines[0].startswith("# ") else lines
+    first, _, rest = table.read_text().strip().partition("\n")
+    title, body = (first[2:], rest.splitlines()) if first.startswith("# ") else ("Sweep", [first, *rest.splitlines()])
     return [f"{title}, from `recap sweep-report` (`{_rel(table, report_dir)}`):",
             *(_RELATIVE_LINK.sub(lambda m: f"]({base}/{m.group(1)})", line) for line in body)]
 

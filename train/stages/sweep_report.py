@@ -162,7 +162,7 @@ def _drawn(sweep: Path, rows: list[dict[str, Any]], r: SweepReportConfig, device
         for images, prompts in zip(drawn, prompt_lists):
             if prompts:
                 images.append(generate(pipe, prompts, height=r.size, width=r.size, steps=r.steps,
-                                       guidance_scale=5.0, seed=0, batch_size=8))  # (P, 3, size, size)
+                                       guidance_scale=r.guidance_scale, seed=0, batch_size=8))  # (P, 3, size, size)
     return [torch.stack(columns, dim=1) if columns else None for columns in drawn]
 
 
