@@ -53,17 +53,24 @@ def test_captioner_stages_end_to_end(toy_data: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (pretrain / "captioner").iterdir()) == [
         "coca_toy.json", "open_clip_config.json", "open_clip_model.safetensors"]
 
-    for style in ("ssc", "dsc"):
+    for style, contrastive in (("ssc", 0.0), ("dsc", 0.5)):  # DSC also with CoCa's contrastive loss
         run_stage("finetune_captioner", [f"style={style}", *common, "finetune_captioner.steps=2",
                                          "finetune_captioner.freeze_image_tower=true",
+                                         f"finetune_captioner.contrastive_weight={contrastive}",
                                          "finetune_captioner.global_batch_size=4", "finetune_captioner.micro_batch_size=4"])
-        summary = json.loads((root / "toy" / "finetune_captioner" / style / "summary.json").read_text())
+        out = root / "toy" / "finetune_captioner" / style
+        summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["filtered_samples"]["not_curated"] > 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all((r["contrastive"] > 0) == (contrastive > 0) for r in records)
+        assert all(r["loss"] == pytest.approx(r["contrastive"] + r["caption"], rel=1e-5) for r in records)
         # the image tower was frozen: SSC and DSC share it bit for bit with the pretrained model
-        tuned = load_file(root / "toy" / "finetune_captioner" / style / "captioner" / "open_clip_model.safetensors")
+        tuned = load_file(out / "captioner" / "open_clip_model.safetensors")
         base = load_file(pretrain / "captioner" / "open_clip_model.safetensors")
         assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("visual."))
         assert any(not torch.equal(tuned[k], base[k]) for k in base if k.startswith("text_decoder."))
+        # the logit scale only feeds the contrastive loss: trained with it, frozen without it
+        assert torch.equal(tuned["logit_scale"], base["logit_scale"]) == (contrastive == 0)
 
     images = tmp_path / "images"
     images.mkdir()

@@ -109,15 +109,19 @@ class PretrainCaptionerConfig(TrainingStageConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneCaptionerConfig(TrainingStageConfig):
-    """`recap finetune-captioner style=ssc|dsc`: captioning loss only, on curated ground truth."""
+    """`recap finetune-captioner style=ssc|dsc`: the captioning loss on curated ground truth (and
+    CoCa's contrastive loss against the same captions when ``contrastive_weight`` > 0)."""
 
     style: Literal["ssc", "dsc"]
     init_from: str  # an exported captioner directory, or an open_clip checkpoint of captioner.model_name
     freeze_image_tower: bool = True
     caption_weight: float = 1.0
+    contrastive_weight: float = 0.0  # 0: captioning loss only (the paper's fine-tune)
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         super().validate()
         if self.caption_weight <= 0:
             raise ConfigError("caption_weight", f"must be > 0, got {self.caption_weight}")
+        if self.contrastive_weight < 0:
+            raise ConfigError("contrastive_weight", f"must be >= 0, got {self.contrastive_weight}")

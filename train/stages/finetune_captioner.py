@@ -1,6 +1,7 @@
 """`recap finetune-captioner style=ssc|dsc`: turn the pretrained CoCa into the SSC or DSC captioner.
 
-Captioning loss only (contrastive weight 0), on the ground-truth short (gt_ssc) or descriptive
+The captioning loss (with finetune_captioner.contrastive_weight > 0, CoCa's contrastive loss
+against the same captions too; 0 by default, as in the paper), on the ground-truth short (gt_ssc) or descriptive
 (gt_dsc) captions of *curated* samples only: the reader runs with CURATED_CAPTIONS access, so
 every other sample's ground truth is dropped in the worker and the sample filtered out. The
 image tower is frozen by default, so SSC and DSC differ only in their text heads.
@@ -62,7 +63,7 @@ def run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         section="finetune_captioner", build=build,
         model_name=cfg.captioner.model_name, architecture={k: v for k, v in architecture.items() if k != "custom_text"},
         caption_source=f"json.gt_{f.style}", access=GroundTruthAccess.CURATED_CAPTIONS,
-        contrastive_weight=0.0, caption_weight=f.caption_weight, freeze_image_tower=f.freeze_image_tower,
+        contrastive_weight=f.contrastive_weight, caption_weight=f.caption_weight, freeze_image_tower=f.freeze_image_tower,
         tokenizer=tokenizer,
         steps=f.steps, global_batch_size=f.global_batch_size, micro_batch_size=f.micro_batch_size,
         grad_clip=f.grad_clip, gradient_checkpointing=f.gradient_checkpointing, optimizer=f.optimizer)
