@@ -3,6 +3,7 @@ complete stages, stopping at a failed one, continuing after it, and the report."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.helpers import png_bytes, run_recap, write_shards
+from train.config.loading import load_experiment
 from train.config.typed import ConfigError
+from train.evaluation.heldout import CaptionerEvalItem, heldout_batches, read_prompted
 from train.outputs.markdown import cell
 from train.outputs.pipeline_report import refresh_sweep_section, write_report
 from train.stages.pipeline import plan
@@ -101,6 +104,21 @@ def test_the_caption_examples_are_evaluate_captioners_first_held_out_images_foun
     two = write_report([], {}, experiment, run_name="toy", experiment_dir=experiment, captioned=str(shards),
                        examples=2).read_text()
     assert "000009" not in two and "The first 2 held-out images" in two
+
+
+@pytest.mark.parametrize("shards", ["heldout/00001.tar", "heldout"])  # the toy's one shard; two shards, two workers
+def test_evaluate_captioner_reads_evaluates_images_in_evaluates_order(toy_data: Path, shards: str) -> None:
+    """The report's caption examples, evaluate's examples.png and the sweep's heldout.png show the
+    same held-out images: evaluate-captioner reads evaluate's input in the order evaluate does."""
+    assert load_experiment([]).evaluate_captioner.input == load_experiment([]).evaluate.input  # the demo's default
+    cfg = load_experiment([f"evaluate.input={toy_data / shards}", "data.reader.num_workers=2"])
+    assert cfg.evaluate_captioner.input == str(toy_data / shards)
+    e = cfg.evaluate_captioner
+    batches = heldout_batches(e.input, "evaluate_captioner.input", CaptionerEvalItem(bool),
+                              reader=cfg.data.reader, seed=cfg.seed, batch_size=e.batch_size, fix="", texts=("txt",))
+    captioned = [alt for batch in batches for _, _, alt, _ in batch][:20]
+    drawn = read_prompted(dataclasses.replace(cfg.evaluate, samples=20, size=8), cfg.data.reader, cfg.seed, False)
+    assert len(set(captioned)) > 10 and captioned == drawn.alt_texts
 
 
 SWEEP_MD = "# Sweep over caption_mix.dsc (runs/toy/sweeps/pipeline)\n\n| caption_mix.dsc | n |\n|---:|---:|\n| {} | 2 |\n\n" \

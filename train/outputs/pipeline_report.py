@@ -1,8 +1,8 @@
 """report.md of a `recap pipeline` run, from what the stages left on disk.
 
 Sections: the stages with their status and time; caption examples (held-out images with their
-alt-text, SSC and DSC, from evaluate-captioner: the images evaluate draws first); the captioners' attribute scores
-(evaluate-captioner); the sample grids (train-t2i's last training grid, `recap sample`'s grid);
+alt-text, SSC and DSC, from evaluate-captioner: the images evaluate draws first); the captioners'
+attribute scores (evaluate-captioner); the sample grids (train-t2i's last training grid, `recap sample`'s grid);
 the evaluation tables (`recap evaluate`'s evaluation.md); in the experiment's report (not a sweep
 point's), last, the caption-mix sweep (`recap sweep-report`'s table, plot and same-noise grid), which
 `recap sweep-report` rewrites when it runs after the pipeline (`make sweep`). A section whose stage has
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.shard_io import decode_text, image_member, iter_raw_samples, list_shards, open_shard
+from data_pipeline.shard_io import image_member, iter_raw_samples, list_shards, open_shard
 from train.outputs.markdown import cell
 
 CAPTION_SOURCES = ("alt-text", "SSC", "DSC")  # evaluate-captioner's sources, lowercased
@@ -62,7 +62,8 @@ def _caption_examples(caption_eval: Path, shards: str, count: int, report_dir: P
              "heldout.png):", "", "| image | " + " | ".join(CAPTION_SOURCES) + " |", "|---|---|---|---|"]
     for key in keys:
         image = f"![{key}]({_rel(images[key], report_dir)})" if key in images else f"_(image {key} not found)_"
-        lines.append(f"| {image} | " + " | ".join(cell(captions[name].get(key, "–")) for name in CAPTION_SOURCES) + " |")
+        texts = [cell(captions[name].get(key, "–")) for name in CAPTION_SOURCES]
+        lines.append(f"| {image} | " + " | ".join(texts) + " |")
     return lines
 
 

@@ -1,7 +1,7 @@
 """`recap evaluate-captioner`: how much of each picture do alt-text, SSC and DSC captions say?
 
-On held-out toy samples (evaluate_captioner.input, by default evaluate's; EVALUATION access: the only stage kind that reads ground
-truth), every captioner in evaluate_captioner.captioners writes a caption per image; those and
+On held-out toy samples (evaluate_captioner.input, by default evaluate's; EVALUATION access: the
+only stage kind that reads ground truth), every captioner in evaluate_captioner.captioners writes a caption per image; those and
 the shards' own alt-text are scored by data_pipeline/caption_attributes.py: precision and recall
 of the colours, shapes, colour-shape bindings, textures, sizes, positions, object count and
 written word they mention, plus mean length. The ground-truth SSC and DSC are scored too: the

@@ -1,6 +1,7 @@
 """`recap pipeline`: every stage of the recipe in order, then a report.
 
-Reads: pipeline (stages, force, report_examples) and run; each stage reads its own sections.
+Reads: pipeline (stages, force, report_examples), run and evaluate_captioner.input (the report's
+caption examples); each stage reads its own sections.
 Writes <run_dir>/stage_times.json and summary.json, and <experiment dir>/report.md (see
 train/outputs/pipeline_report.py).
 
